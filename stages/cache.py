@@ -1,0 +1,61 @@
+"""cache: Model Maker's TFRecord cache of each split, the only data the train stage reads.
+
+Reads data/split/{train,val}; writes data/cache/{train,val}/ (TFRecord shards, Model
+Maker's metadata YAML, and ``cache.json`` naming the prefix and shard count so that
+training can call ``Dataset.from_cache`` without the images) and reports/cache.json.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from trafficdet.errors import PipelineError, run_stage
+from trafficdet.io import atomic_dir, read_json, write_json
+
+SPLIT_DIR = Path("data/split")
+CACHE_DIR = Path("data/cache")
+REPORT = Path("reports/cache.json")
+SIDES = ("train", "val")
+
+
+def build_cache(split_dir: Path, cache_dir: Path) -> dict[str, Any]:
+    """Write the TFRecord cache of one split folder; return its ``cache.json`` record."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from mediapipe_model_maker.python.vision.object_detector import dataset_util
+    from mediapipe_model_maker.python.vision.object_detector.dataset import Dataset
+
+    labels = read_json(split_dir / "labels.json")
+    with atomic_dir(cache_dir) as tmp:
+        dataset = Dataset.from_coco_folder(str(split_dir), cache_dir=str(tmp))
+        files = dataset_util.get_cache_files_coco(str(split_dir), str(tmp))
+        if dataset.size != len(labels["images"]):
+            raise PipelineError(
+                f"{split_dir}: cached {dataset.size} of {len(labels['images'])} images "
+                "(Model Maker skips images whose boxes all fall outside the image)"
+            )
+        record = {
+            "split": split_dir.name,
+            "cache_prefix_filename": files.cache_prefix_filename,
+            "num_shards": files.num_shards,
+            "size": dataset.size,
+            "label_map": {str(k): v for k, v in sorted(files.load_metadata()["label_map"].items())},
+        }
+        write_json(tmp / "cache.json", record, indent=True)
+    return record
+
+
+def main() -> None:
+    for side in SIDES:
+        if not (SPLIT_DIR / side / "labels.json").exists():
+            raise PipelineError(f"{SPLIT_DIR / side}: missing; run the split stage first")
+    report = {side: build_cache(SPLIT_DIR / side, CACHE_DIR / side) for side in SIDES}
+    write_json(
+        REPORT, {side: {"images": record["size"], "shards": record["num_shards"]} for side, record in report.items()}, indent=True
+    )
+    print("cache: " + ", ".join(f"{side} {record['size']} images" for side, record in report.items()))
+
+
+if __name__ == "__main__":
+    run_stage(main)

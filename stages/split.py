@@ -1,0 +1,125 @@
+"""split: seeded train/validation split in Model Maker's folder layout, without copying images.
+
+Reads data/filtered/labels.json, data/images.json and data/images/; writes
+    data/split/{train,val}/labels.json   COCO files of each side
+    data/split/{train,val}/images/       relative symlinks into data/images/
+    reports/split.json                   per-side, per-class image and box counts (DVC metrics)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from trafficdet.errors import PipelineError, run_stage
+from trafficdet.io import atomic_dir, read_json, write_json
+from trafficdet.params import load_section, require_choice
+
+LABELS = Path("data/filtered/labels.json")
+IMAGE_INDEX = Path("data/images.json")
+STORE = Path("data/images")
+OUT_DIR = Path("data/split")
+REPORT = Path("reports/split.json")
+SIDES = ("train", "val")
+
+
+def stratified_split(classes_of: dict[int, set[int]], val_fraction: float, seed: int) -> set[int]:
+    """Return the validation image ids, stratified by class presence.
+
+    Hand-written (a dozen lines) instead of pulling in scikit-multilearn: each image
+    is grouped by the rarest class it contains, and every group is split in
+    proportion, so a rare class such as ``traffic_light_na`` lands on both sides.
+    """
+    frequency = Counter(cls for labels in classes_of.values() for cls in labels)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for image_id in sorted(classes_of):
+        labels = classes_of[image_id]
+        rarest = min(labels, key=lambda cls: (frequency[cls], cls)) if labels else 0
+        groups[rarest].append(image_id)
+    rng = random.Random(seed)
+    val: set[int] = set()
+    for rarest in sorted(groups):
+        members = groups[rarest]
+        rng.shuffle(members)
+        count = round(len(members) * val_fraction)
+        if len(members) >= 2:
+            count = min(max(count, 1), len(members) - 1)
+        val.update(members[:count])
+    return val
+
+
+def split_dataset(
+    coco: dict[str, Any], usable: set[str], method: str, val_fraction: float, seed: int
+) -> tuple[dict[str, dict], dict]:
+    """Return ({side: COCO dict}, report) for the usable images."""
+    images = [image for image in coco["images"] if image["file_name"] in usable]
+    classes_of: dict[int, set[int]] = {image["id"]: set() for image in images}
+    for ann in coco["annotations"]:
+        if ann["image_id"] in classes_of:
+            classes_of[ann["image_id"]].add(ann["category_id"])
+    if method == "published":
+        published = {image["id"]: image["published_split"] for image in images if "published_split" in image}
+        if not published:
+            raise PipelineError("params.yaml split.method: published needs cocoTraffic's annotations (download.relabel_url)")
+        rest = {i: c for i, c in classes_of.items() if i not in published}
+        val = {i for i, side in published.items() if side == "val"} | stratified_split(rest, val_fraction, seed)
+    else:
+        val = stratified_split(classes_of, val_fraction, seed)
+    sides: dict[str, dict] = {}
+    report: dict[str, Any] = {"method": method}
+    names = {category["id"]: category["name"] for category in coco["categories"]}
+    for side in SIDES:
+        chosen = [image for image in images if (image["id"] in val) == (side == "val")]
+        ids = {image["id"] for image in chosen}
+        anns = [ann for ann in coco["annotations"] if ann["image_id"] in ids]
+        sides[side] = {
+            "images": [{k: image[k] for k in ("id", "file_name", "width", "height")} for image in chosen],
+            "annotations": anns,
+            "categories": coco["categories"],
+        }
+        per_class_images = Counter(cls for image_id in ids for cls in classes_of[image_id])
+        per_class_boxes = Counter(ann["category_id"] for ann in anns)
+        report[side] = {
+            "images": len(chosen),
+            "annotations": len(anns),
+            "classes": {names[c]: {"images": per_class_images[c], "annotations": per_class_boxes[c]} for c in sorted(names)},
+        }
+    if method == "published":
+        report["outside_published_split"] = len(classes_of) - len(published)
+    return sides, report
+
+
+def write_split(sides: dict[str, dict], out: Path = OUT_DIR, store: Path = STORE) -> None:
+    """Model Maker's layout per side: images/ (relative symlinks) + labels.json."""
+    with atomic_dir(out) as tmp:
+        for side, coco in sides.items():
+            image_dir = tmp / side / "images"
+            image_dir.mkdir(parents=True)
+            target_root = os.path.relpath(store.resolve(), (out / side / "images").resolve())
+            for image in coco["images"]:
+                os.symlink(os.path.join(target_root, image["file_name"]), image_dir / image["file_name"])
+            write_json(tmp / side / "labels.json", coco)
+
+
+def main() -> None:
+    params = load_section("split")
+    method = require_choice("split", params, "method", ["stratified", "published"])
+    val_fraction = float(params["val_fraction"])
+    if not 0 < val_fraction < 1:
+        raise PipelineError(f"params.yaml split.val_fraction: must be between 0 and 1, got {val_fraction}")
+    coco = read_json(LABELS)
+    usable = set(read_json(IMAGE_INDEX)["kept"])
+    sides, report = split_dataset(coco, usable, method, val_fraction, int(params["seed"]))
+    for side in SIDES:
+        if not sides[side]["images"]:
+            raise PipelineError(f"split left no {side} images ({len(usable)} usable): lower split.val_fraction or add images")
+    write_split(sides)
+    write_json(REPORT, report, indent=True)
+    print(f"split: {report['train']['images']} train / {report['val']['images']} val images")
+
+
+if __name__ == "__main__":
+    run_stage(main)

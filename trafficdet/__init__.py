@@ -1,0 +1,1 @@
+"""Shared code for the traffic-detector pipeline stages in ``stages/``."""

@@ -1,0 +1,65 @@
+"""Atomic writes: an output is either complete or absent, never half-written."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from trafficdet.errors import PipelineError
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file with orjson (several times faster than ``json`` on COCO files)."""
+    try:
+        return orjson.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found") from None
+    except orjson.JSONDecodeError as err:
+        raise PipelineError(f"{path}: not valid JSON ({err})") from None
+
+
+def write_json(path: Path, data: Any, *, indent: bool = False) -> None:
+    """Write JSON to a temp file beside ``path`` and rename it into place."""
+    option = orjson.OPT_INDENT_2 if indent else 0
+    option |= orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+    write_bytes(path, orjson.dumps(data, option=option) + (b"\n" if indent else b""))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` atomically: temp file in the same directory, fsync-free rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temp directory that replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
