@@ -40,8 +40,9 @@ def stage_env() -> dict[str, str]:
 
 def make_repo(dest: Path, overrides: dict[str, dict[str, Any]]) -> Path:
     """Copy the repository's git-visible files into ``dest``, apply param overrides, commit."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout.split("\0")
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.split("\0")
     for name in filter(None, listed):
         source = ROOT / name
         pipeline_state = name == "dvc.lock" or name.startswith(("data/", "models/", "reports/"))

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from trafficdet.errors import PipelineError
 
 COCO_HOST_PREFIXES = ("http://images.cocodataset.org/", "https://images.cocodataset.org/")
-CHUNK = 1 << 20
+CHUNK = 1 << 16  # small enough that a dropped connection loses little
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 # Downloaded archives and partial files. Not a DVC output: `dvc repro` deletes outputs
 # before rerunning a stage, and a killed download must be able to resume from here.

@@ -1,0 +1,138 @@
+"""The download stage's functions: annotations, relabel overlay, checkpoint, safe archives."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from stages import download
+from trafficdet.archive import extract_tar, extract_zip
+from trafficdet.architectures import ARCHITECTURES
+from trafficdet.errors import PipelineError
+from trafficdet.fetch import RetryPolicy
+from trafficdet.fixture import ANNOTATIONS_ZIP, CHECKPOINT_TARBALL, RELABEL_ZIP
+from trafficdet.fixture_server import FixtureServer
+
+FAST = RetryPolicy(retries=1, backoff_s=0.01, timeout_s=10)
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # stage paths are relative to the repository root
+
+
+def test_annotations_keep_only_instances(fixture_tree, server: FixtureServer) -> None:
+    _, manifest = fixture_tree
+    download.download_annotations(f"{server.url}/{ANNOTATIONS_ZIP}", manifest["checksums"][ANNOTATIONS_ZIP], FAST)
+    out = Path("data/raw/annotations")
+    assert sorted(p.name for p in out.iterdir()) == ["instances_train2017.json", "instances_val2017.json", "manifest.json"]
+    record = json.loads((out / "manifest.json").read_text())["downloads"][0]
+    assert record["file"] == "annotations_trainval2017.zip" and len(record["sha256"]) == 64
+
+
+def test_relabel_overlay_and_its_off_switch(fixture_tree, server: FixtureServer) -> None:
+    _, manifest = fixture_tree
+    download.download_relabel(f"{server.url}/{RELABEL_ZIP}", manifest["checksums"][RELABEL_ZIP], FAST)
+    names = sorted(p.name for p in Path("data/raw/relabel").iterdir())
+    assert names == ["instances_trainTraffic.json", "instances_valTraffic.json", "manifest.json"]
+    download.download_relabel("", "", FAST)
+    assert [p.name for p in Path("data/raw/relabel").iterdir()] == ["manifest.json"]
+
+
+def test_checkpoint_unpacks_its_single_root_folder(fixture_tree, server: FixtureServer) -> None:
+    _, manifest = fixture_tree
+    download.download_checkpoint(
+        "mobilenet_multi_avg", f"{server.url}/{CHECKPOINT_TARBALL}", manifest["checksums"][CHECKPOINT_TARBALL], FAST
+    )
+    files = sorted(p.name for p in Path("models/pretrained/mobilenet_multi_avg").iterdir())
+    assert files == ["checkpoint", "ckpt-277200.data-00000-of-00001", "ckpt-277200.index"]
+    download.download_checkpoint("scratch", "", "", FAST)
+    assert json.loads(Path("models/pretrained/manifest.json").read_text()) == {"pretrained": "scratch"}
+
+
+def test_checkpoint_403_names_the_ways_out(server: FixtureServer) -> None:
+    server.inject(CHECKPOINT_TARBALL, "status:403")
+    with pytest.raises(PipelineError, match=r"HTTP 403.*download\.checkpoint_url.*pretrained: scratch"):
+        download.download_checkpoint("mobilenet_multi_avg", f"{server.url}/{CHECKPOINT_TARBALL}", "", FAST)
+    assert not Path("models/pretrained").exists()
+
+
+def test_truncated_archive_is_clear_and_leaves_nothing(fixture_tree, tmp_path: Path) -> None:
+    root, _ = fixture_tree
+    data = (root / ANNOTATIONS_ZIP).read_bytes()
+    served = tmp_path / "served"
+    (served / "annotations").mkdir(parents=True)
+    (served / ANNOTATIONS_ZIP).write_bytes(data[: len(data) // 2])
+    with (
+        FixtureServer(served) as srv,
+        pytest.raises(PipelineError, match=r"annotations_trainval2017\.zip: truncated or corrupt zip"),
+    ):
+        download.download_annotations(f"{srv.url}/{ANNOTATIONS_ZIP}", "", FAST)
+    assert not Path("data/raw/annotations").exists()
+    assert [p.name for p in Path("data/raw").iterdir()] == []  # no temp folders left behind
+
+
+def test_truncated_tarball_is_clear(fixture_tree, tmp_path: Path) -> None:
+    root, _ = fixture_tree
+    data = (root / CHECKPOINT_TARBALL).read_bytes()
+    broken = tmp_path / "c.tar.gz"
+    broken.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PipelineError, match=r"c\.tar\.gz: truncated or corrupt tar"):
+        extract_tar(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["../evil.json", "/etc/evil.json", "a/../../evil.json"])
+def test_zip_path_escapes_are_refused(tmp_path: Path, name: str) -> None:
+    archive = tmp_path / "bad.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("ok.json", "{}")
+        zf.writestr(name, "{}")
+    with pytest.raises(PipelineError, match="unsafe path"):
+        extract_zip(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "evil.json").exists()
+
+
+def test_zip_symlink_members_are_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "link.zip"
+    info = zipfile.ZipInfo("link")
+    info.external_attr = 0o120777 << 16  # a symlink, as Info-ZIP stores it
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(PipelineError, match="is a symlink"):
+        extract_zip(archive, tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink_out"])
+def test_tar_escapes_are_refused(tmp_path: Path, kind: str) -> None:
+    archive = tmp_path / "bad.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        if kind == "symlink_out":
+            info = tarfile.TarInfo("root/link")
+            info.type, info.linkname = tarfile.SYMTYPE, "../../../etc/passwd"
+            tf.addfile(info)
+        else:
+            info = tarfile.TarInfo("/tmp/evil" if kind == "absolute" else "root/../../evil")
+            info.size = 2
+            tf.addfile(info, io.BytesIO(b"{}"))
+    with pytest.raises(PipelineError, match="unsafe"):
+        extract_tar(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_architecture_table_matches_model_maker() -> None:
+    """Our TF-free copy of model_spec.py must agree with the installed Model Maker."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from mediapipe_model_maker.python.vision.object_detector import model_spec
+
+    for arch in ARCHITECTURES.values():
+        spec = model_spec.SupportedModels[arch.enum_name].value()
+        assert spec.downloaded_files.url == arch.checkpoint_url
+        assert spec.downloaded_files.path == arch.folder
+        assert spec.input_image_shape[0] == arch.input_size
