@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from stages import download
-from trafficdet.archive import extract_tar, extract_zip
 from trafficdet.architectures import ARCHITECTURES
+from trafficdet.archive import extract_tar, extract_zip
 from trafficdet.errors import PipelineError
 from trafficdet.fetch import RetryPolicy
 from trafficdet.fixture import ANNOTATIONS_ZIP, CHECKPOINT_TARBALL, RELABEL_ZIP

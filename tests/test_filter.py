@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import download, filter as filter_stage
+from stages import download
+from stages import filter as filter_stage
 from trafficdet.errors import PipelineError
 from trafficdet.fetch import RetryPolicy
 from trafficdet.fixture import ANNOTATIONS_ZIP, RELABEL_ZIP
@@ -45,7 +46,7 @@ def raw(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixture_tree, server) -
 
 
 def test_ids_are_contiguous_in_class_order(raw) -> None:
-    coco, label_map, report = filter_stage.filter_dataset(*raw, DEFAULTS)
+    coco, label_map, _report = filter_stage.filter_dataset(*raw, DEFAULTS)
     assert [c["id"] for c in coco["categories"]] == list(range(1, 10))
     assert [c["name"] for c in coco["categories"]] == DEFAULTS["classes"]
     assert {a["category_id"] for a in coco["annotations"]} == set(range(1, 10))
@@ -54,7 +55,7 @@ def test_ids_are_contiguous_in_class_order(raw) -> None:
 
 
 def test_overlay_splits_lights_by_state(raw) -> None:
-    coco, _, report = filter_stage.filter_dataset(*raw, DEFAULTS)
+    _coco, _, report = filter_stage.filter_dataset(*raw, DEFAULTS)
     lights = {name: report["classes"][name]["annotations"] for name in DEFAULTS["include_all"]}
     assert all(count > 0 for count in lights.values())
     assert report["overlay"]["relabelled"] == sum(lights.values())

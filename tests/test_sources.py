@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stages import download, filter as filter_stage, images, split
+from stages import download, images, split
+from stages import filter as filter_stage
 from trafficdet.errors import PipelineError
 from trafficdet.fetch import RetryPolicy
 from trafficdet.io import write_json
@@ -81,5 +82,5 @@ def test_own_dataset_flows_through_filter_images_split(tmp_path: Path, monkeypat
     assert report["classes"] == {"car": {"images": 6, "annotations": 6}, "bus": {"images": 4, "annotations": 4}}
     results = images.fetch_per_image(coco["images"], Path("data/images"), "", 2, RetryPolicy())
     assert not any(results.values())
-    sides, split_report = split.split_dataset(coco, set(results), "stratified", 0.2, 0)
+    _sides, split_report = split.split_dataset(coco, set(results), "stratified", 0.2, 0)
     assert split_report["val"]["classes"]["bus"]["images"] >= 1 and split_report["train"]["classes"]["bus"]["images"] >= 1
