@@ -68,6 +68,7 @@ class FixtureServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, so clients can reuse connections
+            disable_nagle_algorithm = True  # else headers + body trip the 40 ms delayed-ACK stall
 
             def log_message(self, *args: object) -> None:  # keep test output quiet
                 pass

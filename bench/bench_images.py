@@ -1,0 +1,83 @@
+"""Image fetch against the loopback fixture server with 50 ms latency per request.
+
+Sequential (1 worker) vs parallel (--workers) runs of stages.images.fetch_per_image,
+each on a fresh store, median of --runs. The server runs in its own process so it does
+not share the client's GIL. Target (issue 2): parallel >= 20x sequential.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import OUT, machine, median
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stages.images import fetch_per_image  # noqa: E402
+from trafficdet.fetch import RetryPolicy  # noqa: E402
+from trafficdet.fixture import generate  # noqa: E402
+
+
+def images_of(root: Path) -> list[dict]:
+    import zipfile
+
+    import orjson
+
+    with zipfile.ZipFile(root / "annotations/annotations_trainval2017.zip") as zf:
+        return [image for split in ("train2017", "val2017")
+                for image in orjson.loads(zf.read(f"annotations/instances_{split}.json"))["images"]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--latency-ms", type=float, default=50)
+    parser.add_argument("--workers", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    OUT.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "fixture"
+        generate(root, images=args.images, seed=0)
+        wanted = images_of(root)
+        url_file = Path(tmp) / "url"
+        server = subprocess.Popen([sys.executable, "-m", "trafficdet.fixture_server", str(root),
+                                   "--latency-ms", str(args.latency_ms), "--url-file", str(url_file)],
+                                  cwd=ROOT, stdout=subprocess.DEVNULL)
+        try:
+            while not url_file.exists():
+                time.sleep(0.05)
+            url = url_file.read_text().strip()
+            timings: dict[int, list[float]] = {}
+            for workers in [1, *args.workers]:
+                for run in range(args.runs):
+                    store = Path(tmp) / f"store-{workers}-{run}"
+                    start = time.perf_counter()
+                    results = fetch_per_image(wanted, store, url, workers, RetryPolicy(retries=2, backoff_s=0.1))
+                    timings.setdefault(workers, []).append(time.perf_counter() - start)
+                    assert not any(results.values()), results
+        finally:
+            server.kill()
+    sequential = median(timings[1])
+    result = {
+        "machine": machine(),
+        "images": len(wanted),
+        "latency_ms": args.latency_ms,
+        "runs": args.runs,
+        "seconds": {str(w): round(median(t), 3) for w, t in timings.items()},
+        "images_per_s": {str(w): round(len(wanted) / median(t), 1) for w, t in timings.items()},
+        "speedup_vs_sequential": {str(w): round(sequential / median(t), 1) for w, t in timings.items()},
+    }
+    (OUT / "images.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
