@@ -359,9 +359,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, nargs=2, default=(320, 240), metavar=("W", "H"))
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="where fixture_server will serve it")
     args = parser.parse_args()
     manifest = generate(args.root, images=args.images, seed=args.seed, width=args.size[0], height=args.size[1])
     print(f"wrote {manifest['images']} images, {manifest['annotations']} annotations to {args.root}")
+    flags = " ".join(f"-S download.{key}={value}" for key, value in download_params(args.url, manifest).items())
+    print(f"serve it:  python -m trafficdet.fixture_server {args.root} --port {args.url.rsplit(':', 1)[-1]}")
+    print(f"use it:    dvc exp run {flags}")
 
 
 if __name__ == "__main__":
