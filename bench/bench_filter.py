@@ -19,9 +19,88 @@ from common import OUT, machine, median, run_child
 
 IMAGES, ANNOTATIONS = 118_287, 860_001
 # COCO 2017's 80 category ids and a rough share of boxes (person ~30%, car ~5%, lights ~1.5%).
-COCO_IDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33, 34,
-            35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64,
-            65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90]
+COCO_IDS = [
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    7,
+    8,
+    9,
+    10,
+    11,
+    13,
+    14,
+    15,
+    16,
+    17,
+    18,
+    19,
+    20,
+    21,
+    22,
+    23,
+    24,
+    25,
+    27,
+    28,
+    31,
+    32,
+    33,
+    34,
+    35,
+    36,
+    37,
+    38,
+    39,
+    40,
+    41,
+    42,
+    43,
+    44,
+    46,
+    47,
+    48,
+    49,
+    50,
+    51,
+    52,
+    53,
+    54,
+    55,
+    56,
+    57,
+    58,
+    59,
+    60,
+    61,
+    62,
+    63,
+    64,
+    65,
+    67,
+    70,
+    72,
+    73,
+    74,
+    75,
+    76,
+    77,
+    78,
+    79,
+    80,
+    81,
+    82,
+    84,
+    85,
+    86,
+    87,
+    88,
+    89,
+    90,
+]
 WEIGHTS = {1: 30.0, 3: 5.1, 10: 1.5, 8: 1.1, 6: 0.7, 4: 1.0, 2: 0.8}
 NAMES = {1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 6: "bus", 8: "truck", 10: "traffic light"}
 
@@ -35,24 +114,40 @@ def write_synthetic(path: Path, relabel: Path, seed: int = 0) -> None:
     lights = []
     with open(path, "w") as out:
         out.write('{"info":{"description":"synthetic COCO-scale file"},"licenses":[],"images":[')
-        out.write(",".join(
-            f'{{"license":1,"file_name":"{i:012d}.jpg","coco_url":"http://images.cocodataset.org/train2017/{i:012d}.jpg",'
-            f'"height":480,"width":640,"date_captured":"2013-11-14 11:18:45","id":{i}}}'
-            for i in range(1, IMAGES + 1)))
+        out.write(
+            ",".join(
+                f'{{"license":1,"file_name":"{i:012d}.jpg","coco_url":"http://images.cocodataset.org/train2017/{i:012d}.jpg",'
+                f'"height":480,"width":640,"date_captured":"2013-11-14 11:18:45","id":{i}}}'
+                for i in range(1, IMAGES + 1)
+            )
+        )
         out.write('],"annotations":[')
         categories_drawn = rng.choices(COCO_IDS, weights, k=ANNOTATIONS)
         chunks = []
         for ann_id, category in enumerate(categories_drawn, start=1):
             image = rng.randint(1, IMAGES)
             x, y, w, h = rng.uniform(0, 600), rng.uniform(0, 440), rng.uniform(-1, 200), rng.uniform(1, 200)
-            chunks.append(f'{{"segmentation":[[{polygons[ann_id % 64]}]],"area":{w * h:.3f},"iscrowd":{int(ann_id % 100 == 0)},'
-                          f'"image_id":{image},"bbox":[{x:.2f},{y:.2f},{w:.2f},{h:.2f}],"category_id":{category},"id":{ann_id}}}')
+            chunks.append(
+                f'{{"segmentation":[[{polygons[ann_id % 64]}]],"area":{w * h:.3f},"iscrowd":{int(ann_id % 100 == 0)},'
+                f'"image_id":{image},"bbox":[{x:.2f},{y:.2f},{w:.2f},{h:.2f}],"category_id":{category},"id":{ann_id}}}'
+            )
             if category == 10:
                 lights.append({"id": ann_id, "image_id": image, "category_id": rng.choice([92, 93, 94]), "bbox": [x, y, w, h]})
         out.write(",".join(chunks))
         out.write(f'],"categories":[{categories}]}}')
-    relabel.write_text(json.dumps({"images": [], "annotations": lights, "categories": [
-        {"id": 92, "name": "traffic_light_red"}, {"id": 93, "name": "traffic_light_green"}, {"id": 94, "name": "traffic_light_na"}]}))
+    relabel.write_text(
+        json.dumps(
+            {
+                "images": [],
+                "annotations": lights,
+                "categories": [
+                    {"id": 92, "name": "traffic_light_red"},
+                    {"id": 93, "name": "traffic_light_green"},
+                    {"id": 94, "name": "traffic_light_na"},
+                ],
+            }
+        )
+    )
 
 
 BASELINE = """

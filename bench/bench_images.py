@@ -31,8 +31,11 @@ def images_of(root: Path) -> list[dict]:
     import orjson
 
     with zipfile.ZipFile(root / "annotations/annotations_trainval2017.zip") as zf:
-        return [image for split in ("train2017", "val2017")
-                for image in orjson.loads(zf.read(f"annotations/instances_{split}.json"))["images"]]
+        return [
+            image
+            for split in ("train2017", "val2017")
+            for image in orjson.loads(zf.read(f"annotations/instances_{split}.json"))["images"]
+        ]
 
 
 def main() -> None:
@@ -48,9 +51,20 @@ def main() -> None:
         generate(root, images=args.images, seed=0)
         wanted = images_of(root)
         url_file = Path(tmp) / "url"
-        server = subprocess.Popen([sys.executable, "-m", "trafficdet.fixture_server", str(root),
-                                   "--latency-ms", str(args.latency_ms), "--url-file", str(url_file)],
-                                  cwd=ROOT, stdout=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "trafficdet.fixture_server",
+                str(root),
+                "--latency-ms",
+                str(args.latency_ms),
+                "--url-file",
+                str(url_file),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
         try:
             while not url_file.exists():
                 time.sleep(0.05)

@@ -28,8 +28,9 @@ def machine() -> str:
 
 def run_child(code: str, *args: str) -> dict:
     """Run ``code`` in a fresh interpreter (own peak RSS); it must print one JSON line last."""
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+    )
     if result.returncode != 0:
         raise RuntimeError(result.stderr)
     return json.loads(result.stdout.strip().splitlines()[-1])

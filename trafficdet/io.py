@@ -15,6 +15,10 @@ import orjson
 from trafficdet.errors import PipelineError
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def read_json(path: Path) -> Any:
     """Parse a JSON file with orjson (several times faster than ``json`` on COCO files)."""
     try:
@@ -40,6 +44,7 @@ def write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -52,6 +57,8 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temp directory that replaces ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp

@@ -1,0 +1,218 @@
+"""evaluate: COCO metrics of the trained Keras model and of the shipped TFLite file.
+
+(a) the Keras model restored from models/train, fed by Model Maker's own eval pipeline
+    over data/cache/val; (b) models/model.tflite run through MediaPipe Tasks'
+    ObjectDetector over the validation images, as the app runs it. Both are scored by
+    pycocotools' COCOeval (or faster-coco-eval, which gives identical numbers) against
+    data/split/val/labels.json. Writes, with dvclive, reports/evaluate/:
+    metrics.json                          keras/* and tflite/*: AP ... AR100, val losses,
+                                          and per-class AP / AP50
+    plots/ap/{keras,tflite}.json          per-class AP (bars)
+    plots/pr/<model>_<class>.json         precision-recall curve per class (IoU 0.5)
+    plots/images/predictions.png          validation images: ground truth and TFLite boxes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trafficdet.errors import PipelineError, run_stage
+from trafficdet.io import read_json, write_json
+from trafficdet.modelmaker import load_dataset, quiet_tensorflow, restore_detector
+from trafficdet.params import load_section, require_choice, require_positive_int
+
+TRAIN_DIR = Path("models/train")
+MODEL = Path("models/model.tflite")
+VAL_DIR = Path("data/split/val")
+LIVE_DIR = Path("reports/evaluate")
+METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"]
+
+
+def coco_evaluate(ground_truth: dict[str, Any], detections: list[dict[str, Any]], backend: str = "pycocotools") -> dict[str, Any]:
+    """COCO bbox metrics, overall and per class, with the per-class PR curves at IoU 0.5.
+
+    -1 means undefined, as in pycocotools (e.g. APs when there are no small objects).
+    """
+    if backend == "faster_coco_eval":
+        from faster_coco_eval import COCO
+        from faster_coco_eval import COCOeval_faster as COCOeval
+    else:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    names = {c["id"]: c["name"] for c in ground_truth["categories"]}
+    empty = {
+        "overall": dict.fromkeys(METRICS, 0.0),
+        "per_class": {n: {"AP": 0.0, "AP50": 0.0} for n in names.values()},
+        "pr": {n: [] for n in names.values()},
+    }
+    if not detections:
+        return empty
+    with contextlib.redirect_stdout(io.StringIO()):  # both libraries print as they go
+        gt = COCO()
+        gt.dataset = copy.deepcopy(ground_truth)
+        gt.createIndex()
+        dt = gt.loadRes(copy.deepcopy(detections))
+        evaluator = COCOeval(gt, dt, "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    precision = np.asarray(evaluator.eval["precision"])  # [IoU T, recall R, class K, area A, maxDets M]
+    recall_points = np.asarray(evaluator.params.recThrs)
+    result: dict[str, Any] = {
+        "overall": {m: float(v) for m, v in zip(METRICS, evaluator.stats[:9], strict=True)},
+        "per_class": {},
+        "pr": {},
+    }
+    for k, category_id in enumerate(evaluator.params.catIds):
+        all_iou = precision[:, :, k, 0, -1]
+        at_50 = precision[0, :, k, 0, -1]
+        name = names[category_id]
+        result["per_class"][name] = {
+            "AP": float(all_iou[all_iou > -1].mean()) if (all_iou > -1).any() else -1.0,
+            "AP50": float(at_50[at_50 > -1].mean()) if (at_50 > -1).any() else -1.0,
+        }
+        result["pr"][name] = [
+            {"recall": round(float(r), 2), "precision": max(float(p), 0.0)} for r, p in zip(recall_points, at_50, strict=True)
+        ]
+    return result
+
+
+def keras_detections(detector: Any, batch_size: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Detections of the Keras model over the val cache, in original-image pixels, and its val losses."""
+    dataset = load_dataset("val").gen_tf_dataset(batch_size, is_training=False, preprocess=detector._preprocessor)
+    losses = detector._model.evaluate(dataset, return_dict=True, verbose=0)
+    detections = []
+    for x, y in dataset:
+        pred = detector._model(x, anchor_boxes=y["anchor_boxes"], image_shape=y["image_info"][:, 1, :], training=False)
+        boxes, scores = pred["detection_boxes"].numpy(), pred["detection_scores"].numpy()
+        classes, counts = pred["detection_classes"].numpy(), pred["num_detections"].numpy()
+        info, ids = y["image_info"].numpy(), y["groundtruths"]["source_id"].numpy()
+        for b in range(len(ids)):
+            scale_y, scale_x = info[b, 2]  # image_info rows: original size, scaled size, scale, offset
+            for i in range(int(counts[b])):
+                ymin, xmin, ymax, xmax = boxes[b, i] / [scale_y, scale_x, scale_y, scale_x]
+                detections.append(
+                    {
+                        "image_id": int(ids[b]),
+                        "category_id": int(classes[b, i]),
+                        "score": float(scores[b, i]),
+                        "bbox": [float(xmin), float(ymin), float(xmax - xmin), float(ymax - ymin)],
+                    }
+                )
+    return detections, {f"val_{name}": float(value) for name, value in losses.items()}
+
+
+def tflite_detections(model: Path, ground_truth: dict[str, Any], image_dir: Path, max_results: int) -> list[dict[str, Any]]:
+    """Detections of the exported file through MediaPipe Tasks, as the app gets them."""
+    import mediapipe as mp
+    from mediapipe.tasks.python import BaseOptions
+    from mediapipe.tasks.python.vision import ObjectDetector, ObjectDetectorOptions
+
+    ids = {c["name"]: c["id"] for c in ground_truth["categories"]}
+    options = ObjectDetectorOptions(
+        base_options=BaseOptions(model_asset_path=str(model)), max_results=max_results, score_threshold=0.0
+    )
+    detections = []
+    with ObjectDetector.create_from_options(options) as detector:
+        for image in ground_truth["images"]:
+            result = detector.detect(mp.Image.create_from_file(str(image_dir / image["file_name"])))
+            for detection in result.detections:
+                box, top = detection.bounding_box, detection.categories[0]
+                if top.category_name not in ids:  # "background"
+                    continue
+                detections.append(
+                    {
+                        "image_id": image["id"],
+                        "category_id": ids[top.category_name],
+                        "score": float(top.score),
+                        "bbox": [float(box.origin_x), float(box.origin_y), float(box.width), float(box.height)],
+                    }
+                )
+    return detections
+
+
+def prediction_grid(
+    ground_truth: dict[str, Any], detections: list[dict[str, Any]], image_dir: Path, count: int = 8, min_score: float = 0.3
+):
+    """A 4-wide grid of validation images: ground truth in green, predictions in red."""
+    from PIL import Image, ImageDraw
+
+    names = {c["id"]: c["name"] for c in ground_truth["categories"]}
+    images = ground_truth["images"][:count]
+    tiles = []
+    for image in images:
+        tile = Image.open(image_dir / image["file_name"]).convert("RGB")
+        draw = ImageDraw.Draw(tile)
+        for ann in ground_truth["annotations"]:
+            if ann["image_id"] == image["id"]:
+                x, y, w, h = ann["bbox"]
+                draw.rectangle([x, y, x + w, y + h], outline=(0, 220, 0), width=2)
+        for det in detections:
+            if det["image_id"] == image["id"] and det["score"] >= min_score:
+                x, y, w, h = det["bbox"]
+                draw.rectangle([x, y, x + w, y + h], outline=(255, 0, 0), width=1)
+                draw.text((x + 2, y + 1), f"{names[det['category_id']]} {det['score']:.2f}", fill=(255, 0, 0))
+        tiles.append(tile)
+    width, height = max(t.width for t in tiles), max(t.height for t in tiles)
+    columns = min(4, len(tiles))
+    grid = Image.new("RGB", (columns * width, -(-len(tiles) // columns) * height), (255, 255, 255))
+    for index, tile in enumerate(tiles):
+        grid.paste(tile, ((index % columns) * width, (index // columns) * height))
+    return grid
+
+
+def write_results(live: Any, model: str, result: dict[str, Any], extra: dict[str, float]) -> None:
+    for metric, value in result["overall"].items():
+        live.log_metric(f"{model}/{metric}", round(value, 4), plot=False)
+    for name, value in extra.items():
+        live.log_metric(f"{model}/{name}", round(value, 4), plot=False)
+    for name, values in result["per_class"].items():
+        for metric, value in values.items():
+            live.log_metric(f"{model}/per_class/{name}/{metric}", round(value, 4), plot=False)
+    write_json(
+        LIVE_DIR / "plots/ap" / f"{model}.json",
+        [{"class": name, "AP": max(v["AP"], 0.0)} for name, v in result["per_class"].items()],
+        indent=True,
+    )
+    for name, curve in result["pr"].items():
+        write_json(LIVE_DIR / "plots/pr" / f"{model}_{name}.json", curve, indent=True)
+
+
+def evaluate(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    backend = require_choice("evaluate", params, "backend", ["pycocotools", "faster_coco_eval"])
+    batch_size = require_positive_int("evaluate", params, "batch_size")
+    max_results = require_positive_int("evaluate", params, "max_detections")
+    if not MODEL.exists():
+        raise PipelineError(f"{MODEL}: missing; run the export stage first")
+    ground_truth = read_json(VAL_DIR / "labels.json")
+    quiet_tensorflow()
+    from dvclive import Live
+
+    import shutil
+
+    shutil.rmtree(LIVE_DIR, ignore_errors=True)
+    with Live(str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False) as live:
+        detector = restore_detector(TRAIN_DIR, TRAIN_DIR)
+        keras_dets, losses = keras_detections(detector, batch_size)
+        keras = coco_evaluate(ground_truth, keras_dets, backend)
+        write_results(live, "keras", keras, losses)
+        tflite_dets = tflite_detections(MODEL, ground_truth, VAL_DIR / "images", max_results)
+        tflite = coco_evaluate(ground_truth, tflite_dets, backend)
+        write_results(live, "tflite", tflite, {})
+        live.log_image("predictions.png", prediction_grid(ground_truth, tflite_dets, VAL_DIR / "images"))
+    return {"keras": keras["overall"], "tflite": tflite["overall"]}
+
+
+def main() -> None:
+    results = evaluate(load_section("evaluate"))
+    print("evaluate: " + "; ".join(f"{model} AP {r['AP']:.3f} AP50 {r['AP50']:.3f}" for model, r in results.items()))
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,120 @@
+"""export: the trained model as the TFLite file the app loads, with metadata and labels.
+
+Reads models/train (and data/cache/train for int8's representative set, data/split/val
+for the latency run); writes
+    models/model.tflite    Model Maker's export: TFLite with metadata (labels, anchors, norms)
+    models/metadata.json   what the model is (architecture, labels, quantization, input size)
+                           and the TFLite metadata as JSON
+    models/labels.txt      one class name per line, in the model's output order
+    reports/export.json    file size and CPU latency through MediaPipe Tasks (DVC metrics)
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from trafficdet.architectures import ARCHITECTURES
+from trafficdet.errors import PipelineError, run_stage
+from trafficdet.io import read_json, write_bytes, write_json
+from trafficdet.modelmaker import load_dataset, quiet_tensorflow, restore_detector
+from trafficdet.params import load_section, require_choice, require_positive_int
+
+TRAIN_DIR = Path("models/train")
+VAL_IMAGES = Path("data/split/val/images")
+MODEL = Path("models/model.tflite")
+METADATA = Path("models/metadata.json")
+LABELS = Path("models/labels.txt")
+REPORT = Path("reports/export.json")
+QUANTIZATIONS = ["float32", "float16", "int8", "dynamic", "qat_int8"]
+
+
+def shorten_lists(value: Any, limit: int = 100) -> Any:
+    """The TFLite metadata lists every SSD anchor (thousands): keep a count instead."""
+    if isinstance(value, dict):
+        return {key: shorten_lists(item, limit) for key, item in value.items()}
+    if isinstance(value, list):
+        return f"<{len(value)} entries>" if len(value) > limit else [shorten_lists(item, limit) for item in value]
+    return value
+
+
+def quantization_config(kind: str, representative_steps: int):
+    """Model Maker's post-training quantization config for ``kind`` (None: float32 or QAT)."""
+    from mediapipe_model_maker.python.core.utils import quantization
+
+    if kind == "float16":
+        return quantization.QuantizationConfig.for_float16()
+    if kind == "dynamic":
+        return quantization.QuantizationConfig.for_dynamic()
+    if kind == "int8":  # representative set: the training images, as the model will see them
+        return quantization.QuantizationConfig.for_int8(load_dataset("train"), quantization_steps=representative_steps)
+    return None
+
+
+def measure_latency(model: Path, images: list[Path], repeats: int) -> dict[str, float]:
+    """Median per-image CPU latency of MediaPipe Tasks' ObjectDetector on ``images``."""
+    import mediapipe as mp
+    from mediapipe.tasks.python import BaseOptions
+    from mediapipe.tasks.python.vision import ObjectDetector, ObjectDetectorOptions
+
+    options = ObjectDetectorOptions(base_options=BaseOptions(model_asset_path=str(model)), max_results=100, score_threshold=0.0)
+    decoded = [mp.Image.create_from_file(str(path)) for path in images]
+    with ObjectDetector.create_from_options(options) as detector:
+        detector.detect(decoded[0])  # warm-up
+        times = []
+        for _ in range(repeats):
+            for image in decoded:
+                start = time.perf_counter()
+                detector.detect(image)
+                times.append((time.perf_counter() - start) * 1000)
+    return {"latency_ms": round(statistics.median(times), 2), "latency_runs": len(times)}
+
+
+def export(params: dict[str, Any], out_model: Path = MODEL) -> dict[str, Any]:
+    """Export ``models/model.tflite`` (+ metadata, labels); return the report."""
+    kind = require_choice("export", params, "quantization", QUANTIZATIONS)
+    steps = require_positive_int("export", params, "representative_steps")
+    repeats = require_positive_int("export", params, "latency_repeats")
+    summary = read_json(TRAIN_DIR / "train.json")
+    if kind == "qat_int8" and "qat" not in summary:
+        raise PipelineError("params.yaml export.quantization: qat_int8 needs a QAT checkpoint: set train.qat.enabled: true")
+    quiet_tensorflow()
+    out_model.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_model.parent, prefix=".export.") as scratch:
+        tmp = Path(scratch)
+        detector = restore_detector(TRAIN_DIR, tmp, qat=kind == "qat_int8")
+        detector.export_model("model.tflite", quantization_config(kind, steps))
+        tflite_metadata = shorten_lists(json.loads((tmp / "metadata.json").read_text()))
+        images = sorted(VAL_IMAGES.iterdir())[: int(params["latency_images"])]
+        latency = measure_latency(tmp / "model.tflite", images, repeats)
+        size = (tmp / "model.tflite").stat().st_size
+        arch = ARCHITECTURES[summary["architecture"]]
+        metadata = {
+            "name": "traffic-detector",
+            "architecture": summary["architecture"],
+            "input_size": [arch.input_size, arch.input_size, 3],
+            "quantization": kind,
+            "labels": summary["labels"],  # output order: index 0 is background
+            "trained_epochs": summary["epochs"],
+            "init": summary["init"],
+            "tflite_metadata": tflite_metadata,
+        }
+        write_bytes(out_model, (tmp / "model.tflite").read_bytes())
+    write_json(METADATA, metadata, indent=True)
+    write_bytes(LABELS, ("\n".join(summary["labels"]) + "\n").encode())
+    report = {"quantization": kind, "size_bytes": size, "size_mb": round(size / 2**20, 3), **latency}
+    write_json(REPORT, report, indent=True)
+    return report
+
+
+def main() -> None:
+    report = export(load_section("export"))
+    print(f"export: {MODEL} ({report['quantization']}, {report['size_mb']} MB, {report['latency_ms']} ms/image on CPU)")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,208 @@
+"""train: fine-tune Model Maker's object detector on the cached TFRecords, resumably.
+
+Reads data/cache/{train,val} and models/pretrained (or builds a scratch initialisation);
+writes
+    models/train/           float_ckpt.* (+ qat_ckpt.* with train.qat.enabled), init/ (the
+                            starting checkpoint, needed to rebuild the model) and train.json
+    models/train_state/     persist: the last finished epoch (Keras BackupAndRestore) and the
+                            logged history, so a killed run continues where it stopped
+    reports/train/          dvclive: per-epoch train/val losses and learning rate
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from trafficdet.errors import PipelineError, run_stage
+from trafficdet.io import atomic_dir, read_json, write_json
+from trafficdet.modelmaker import (
+    build_detector,
+    cache_record,
+    label_names,
+    load_dataset,
+    model_spec,
+    quiet_tensorflow,
+    require_architecture,
+    write_scratch_checkpoint,
+)
+from trafficdet.params import load_section, require_choice, require_positive_int
+
+PRETRAINED_DIR = Path("models/pretrained")
+OUT_DIR = Path("models/train")
+STATE_DIR = Path("models/train_state")
+LIVE_DIR = Path("reports/train")
+LOSSES = ("total_loss", "cls_loss", "box_loss", "model_loss")
+
+
+def validate(params: dict[str, Any], train_size: int) -> None:
+    """Reject bad params before any TensorFlow work."""
+    require_architecture("train", params["architecture"])
+    require_choice("train", params, "init", ["pretrained", "scratch"])
+    require_positive_int("train", params, "epochs")
+    batch = require_positive_int("train", params, "batch_size")
+    if batch > train_size:
+        raise PipelineError(f"params.yaml train.batch_size: {batch} is larger than the training set ({train_size} images)")
+    if not float(params["learning_rate"]) > 0:
+        raise PipelineError(f"params.yaml train.learning_rate: must be positive, got {params['learning_rate']!r}")
+    require_choice("train", params, "distribution_strategy", ["off", "one_device", "mirrored"])
+    qat = params.get("qat") or {}
+    if qat.get("enabled"):
+        require_positive_int("train.qat", qat, "epochs")
+        if require_positive_int("train.qat", qat, "batch_size") > train_size:
+            raise PipelineError(f"params.yaml train.qat.batch_size: larger than the training set ({train_size} images)")
+
+
+def init_checkpoint(params: dict[str, Any], num_classes: int, out: Path) -> None:
+    """Put the starting checkpoint in ``out``: the downloaded one, or a seeded scratch one."""
+    architecture = params["architecture"]
+    if params["init"] == "pretrained":
+        manifest = read_json(PRETRAINED_DIR / "manifest.json")
+        if manifest.get("pretrained") != architecture:
+            raise PipelineError(
+                f"train.init is pretrained for {architecture!r} but the download stage fetched "
+                f"{manifest.get('pretrained')!r}: set download.pretrained: {architecture}, or train.init: scratch"
+            )
+        shutil.copytree(PRETRAINED_DIR / architecture, out)
+    else:
+        write_scratch_checkpoint(model_spec(architecture, out), num_classes, float(params["l2_weight_decay"]), out)
+
+
+def fingerprint(params: dict[str, Any]) -> str:
+    """What a saved training state belongs to: the params and the exact cached data."""
+    cached = [cache_record(side) for side in ("train", "val")]
+    return hashlib.sha256(json.dumps([params, cached], sort_keys=True).encode()).hexdigest()
+
+
+def make_history_callback(live_dir: Path, history_file: Path):
+    """A Keras callback that logs each epoch once to dvclive, also across a resume.
+
+    The history of finished epochs is kept beside the BackupAndRestore backup. On
+    (re)start, Keras tells the first epoch it will run; the history is cut to the epochs
+    before it and replayed into a fresh dvclive directory, so an epoch that ran but was
+    not backed up before a kill is logged once, not twice.
+    """
+    import tensorflow as tf
+    from dvclive import Live
+
+    class EpochHistory(tf.keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.live: Live | None = None
+            self.history: list[dict[str, float]] = read_json(history_file) if history_file.exists() else []
+            self.started = 0.0
+
+        def _learning_rate(self) -> float:
+            optimizer = self.model.optimizer
+            rate = optimizer.learning_rate
+            return float(rate(optimizer.iterations) if callable(rate) else rate)
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.started = time.perf_counter()
+            if self.live is None:
+                self.history = self.history[:epoch]
+                shutil.rmtree(live_dir, ignore_errors=True)
+                self.live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
+                for record in self.history:
+                    self._log(record)
+                if epoch:
+                    print(f"train: resuming after epoch {epoch} (from {STATE_DIR})")
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            record = {"epoch": epoch + 1, "learning_rate": self._learning_rate(), "seconds": time.perf_counter() - self.started}
+            for name, value in (logs or {}).items():
+                record[name] = float(value)
+            self.history.append(record)
+            write_json(history_file, self.history, indent=True)  # before the backup is taken
+            self._log(record)
+
+        def _log(self, record: dict[str, float]) -> None:
+            assert self.live is not None
+            for name in LOSSES:
+                for prefix, key in (("train", name), ("val", f"val_{name}")):
+                    if key in record:
+                        self.live.log_metric(f"{prefix}/{name}", record[key])
+            self.live.log_metric("learning_rate", record["learning_rate"])
+            self.live.log_metric("epoch_seconds", record["seconds"])
+            self.live.next_step()
+
+    return EpochHistory()
+
+
+def train(params: dict[str, Any]) -> dict[str, Any]:
+    """Train (resuming if a matching state exists) and write models/train atomically."""
+    train_info = cache_record("train")
+    validate(params, train_info["size"])
+    quiet_tensorflow()
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(int(params["seed"]))
+    tf.config.experimental.enable_op_determinism()  # identical weights for a fixed seed on CPU
+
+    state_id = fingerprint(params)
+    marker = STATE_DIR / "state.json"
+    if not marker.exists() or read_json(marker).get("fingerprint") != state_id or read_json(marker).get("complete"):
+        shutil.rmtree(STATE_DIR, ignore_errors=True)
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"fingerprint": state_id, "complete": False}, indent=True)
+
+    train_data, val_data = load_dataset("train"), load_dataset("val")
+    labels = label_names(train_info)
+    hparams = {
+        "learning_rate": float(params["learning_rate"]),
+        "batch_size": int(params["batch_size"]),
+        "epochs": int(params["epochs"]),
+        "cosine_decay_epochs": params.get("cosine_decay_epochs"),
+        "cosine_decay_alpha": float(params["cosine_decay_alpha"]),
+        "shuffle": bool(params["shuffle"]),
+        "distribution_strategy": params["distribution_strategy"],
+        "num_gpus": int(params["num_gpus"]),
+    }
+    with atomic_dir(OUT_DIR) as out:
+        init_checkpoint(params, len(labels), out / "init")
+        detector = build_detector(params["architecture"], out / "init", labels, hparams, float(params["l2_weight_decay"]), out)
+        history = make_history_callback(LIVE_DIR, STATE_DIR / "history.json")
+        backup = tf.keras.callbacks.BackupAndRestore(str(STATE_DIR / "backup"))
+        detector._callbacks = [history, backup]  # Model Maker's fit() takes its callbacks from here
+        started = time.perf_counter()
+        detector._create_and_train_model(train_data, val_data)  # also writes out/float_ckpt
+        summary = {
+            "architecture": params["architecture"],
+            "init": params["init"],
+            "labels": labels,  # background first, as the model outputs them
+            "classes": labels[1:],
+            "l2_weight_decay": float(params["l2_weight_decay"]),
+            "epochs": len(history.history),
+            "train_images": train_info["size"],
+            "seconds": round(time.perf_counter() - started, 1),
+            "final": history.history[-1] if history.history else {},
+        }
+        qat = params.get("qat") or {}
+        if qat.get("enabled"):
+            from mediapipe_model_maker.python.vision.object_detector import hyperparameters
+
+            qat_hparams = hyperparameters.QATHParams(**{k: v for k, v in qat.items() if k != "enabled"})
+            detector.quantization_aware_training(train_data, val_data, qat_hparams)
+            detector._model.save_checkpoint(str(out / "qat_ckpt"))
+            summary["qat"] = {"epochs": qat_hparams.epochs}
+        write_json(out / "train.json", summary, indent=True)
+    write_json(marker, {"fingerprint": state_id, "complete": True}, indent=True)
+    shutil.rmtree(STATE_DIR / "backup", ignore_errors=True)
+    return summary
+
+
+def main() -> None:
+    summary = train(load_section("train"))
+    final = summary["final"]
+    print(
+        f"train: {summary['epochs']} epochs in {summary['seconds']} s; "
+        f"loss {final.get('total_loss', float('nan')):.3f}, val loss {final.get('val_total_loss', float('nan')):.3f}"
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)
