@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test lint bench lock
+.PHONY: setup repro test lint bench lock demo
 
 setup: $(STAMP)
 
@@ -36,3 +36,6 @@ lock:
 	rm -rf /tmp/lock-venv && $(PYTHON) -m venv /tmp/lock-venv
 	/tmp/lock-venv/bin/pip install -q -r requirements.in
 	/tmp/lock-venv/bin/pip freeze --exclude-editable > requirements.lock
+
+demo: $(STAMP)
+	$(BIN)/python -m trafficdet.demo

@@ -7,12 +7,12 @@ training can call ``Dataset.from_cache`` without the images) and reports/cache.j
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.io import atomic_dir, read_json, write_json
+from trafficdet.modelmaker import quiet_tensorflow
 
 SPLIT_DIR = Path("data/split")
 CACHE_DIR = Path("data/cache")
@@ -22,7 +22,7 @@ SIDES = ("train", "val")
 
 def build_cache(split_dir: Path, cache_dir: Path) -> dict[str, Any]:
     """Write the TFRecord cache of one split folder; return its ``cache.json`` record."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow()
     from mediapipe_model_maker.python.vision.object_detector import dataset_util
     from mediapipe_model_maker.python.vision.object_detector.dataset import Dataset
 

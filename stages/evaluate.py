@@ -192,9 +192,9 @@ def evaluate(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
         raise PipelineError(f"{MODEL}: missing; run the export stage first")
     ground_truth = read_json(VAL_DIR / "labels.json")
     quiet_tensorflow()
-    from dvclive import Live
-
     import shutil
+
+    from dvclive import Live
 
     shutil.rmtree(LIVE_DIR, ignore_errors=True)
     with Live(str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False) as live:

@@ -49,6 +49,8 @@ def validate(params: dict[str, Any], train_size: int) -> None:
         raise PipelineError(f"params.yaml train.batch_size: {batch} is larger than the training set ({train_size} images)")
     if not float(params["learning_rate"]) > 0:
         raise PipelineError(f"params.yaml train.learning_rate: must be positive, got {params['learning_rate']!r}")
+    if params["distribution_strategy"] is False:  # YAML 1.1 reads an unquoted off as false
+        params["distribution_strategy"] = "off"
     require_choice("train", params, "distribution_strategy", ["off", "one_device", "mirrored"])
     qat = params.get("qat") or {}
     if qat.get("enabled"):

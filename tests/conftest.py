@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from trafficdet.fixture import download_params, generate
 from trafficdet.fixture_server import FixtureServer
+from trafficdet.repo_copy import copy_repo
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
@@ -39,25 +37,9 @@ def stage_env() -> dict[str, str]:
 
 
 def make_repo(dest: Path, overrides: dict[str, dict[str, Any]]) -> Path:
-    """Copy the repository's git-visible files into ``dest``, apply param overrides, commit."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True, capture_output=True, text=True
-    ).stdout.split("\0")
-    for name in filter(None, listed):
-        source = ROOT / name
-        pipeline_state = name == "dvc.lock" or name.startswith(("data/", "models/", "reports/"))
-        if source.is_file() and (not pipeline_state or name == "data/own/README.md"):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    for section, values in overrides.items():
-        params[section].update(values)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "test repo"], cwd=dest, check=True)
-    return dest
+    """A temporary copy of the repository with param overrides, committed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    return copy_repo(dest, overrides)
 
 
 def fixture_overrides(server: FixtureServer, manifest: dict[str, Any], **filter_params: Any) -> dict[str, dict[str, Any]]:

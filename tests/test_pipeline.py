@@ -1,4 +1,4 @@
-"""`dvc repro` through the cache stage in a temporary repo against the loopback fixture."""
+"""`dvc repro` of the whole pipeline in a temporary repo against the loopback fixture."""
 
 from __future__ import annotations
 
@@ -11,40 +11,101 @@ import yaml
 
 from tests.conftest import fixture_overrides, make_repo, run
 
+METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"]
+TINY_MODEL = {
+    "download": {"pretrained": "scratch"},
+    "train": {"init": "scratch", "epochs": 1, "batch_size": 4},
+    "export": {"latency_images": 2, "latency_repeats": 1, "representative_steps": 2},
+}
+
 
 def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
 
 
-@pytest.mark.slow
-def test_repro_is_reproducible_and_incremental(tmp_path: Path, fixture_tree, server) -> None:
-    _, manifest = fixture_tree
-    repo = make_repo(tmp_path / "repo", fixture_overrides(server, manifest))
+def set_param(repo: Path, section: str, key: str, value: object) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
+
+def tflite_labels(model: Path) -> list[str]:
+    from mediapipe.tasks.python.metadata.metadata import MetadataDisplayer
+
+    displayer = MetadataDisplayer.with_model_file(str(model))
+    return displayer.get_associated_file_buffer("labels.txt").decode().split()
+
+
+def detect(model: Path, image: Path) -> list:
+    import mediapipe as mp
+    from mediapipe.tasks.python import BaseOptions
+    from mediapipe.tasks.python.vision import ObjectDetector, ObjectDetectorOptions
+
+    options = ObjectDetectorOptions(base_options=BaseOptions(model_asset_path=str(model)), score_threshold=0.0, max_results=5)
+    with ObjectDetector.create_from_options(options) as detector:
+        return detector.detect(mp.Image.create_from_file(str(image))).detections
+
+
+@pytest.mark.slow
+def test_repro_end_to_end(tmp_path: Path, fixture_tree, server) -> None:
+    _, manifest = fixture_tree
+    overrides = fixture_overrides(server, manifest)
+    for section, values in TINY_MODEL.items():
+        overrides.setdefault(section, {}).update(values)
+    repo = make_repo(tmp_path / "repo", overrides)
+
+    # Data half: through the cache, then incremental.
     first = run(["dvc", "repro", "cache"], repo)
     assert stages_run(first.stdout) == ["download", "filter", "images", "split", "cache"]
-
-    # Model Maker's layout, contiguous ids, links into the store, and a readable cache.
     train = json.loads((repo / "data/split/train/labels.json").read_text())
     assert [c["id"] for c in train["categories"]] == list(range(1, 10))
-    assert {a["category_id"] for a in train["annotations"]} <= set(range(1, 10))
     some_image = repo / "data/split/train/images" / train["images"][0]["file_name"]
     assert some_image.is_symlink() and some_image.resolve().parent == (repo / "data/images").resolve()
     cache = json.loads((repo / "data/cache/train/cache.json").read_text())
     assert cache["size"] == len(train["images"])
-    assert list(cache["label_map"].values())[1:4] == ["traffic_light_red", "traffic_light_green", "traffic_light_na"]
     rejected = json.loads((repo / "data/images.json").read_text())["rejected"]
     assert len(rejected) == 1 and next(iter(rejected.values())).startswith("corrupt image")
+    assert stages_run(run(["dvc", "repro", "cache"], repo).stdout) == []
+    set_param(repo, "split", "seed", 43)
+    assert stages_run(run(["dvc", "repro", "cache"], repo).stdout) == ["split", "cache"]
 
-    second = run(["dvc", "repro", "cache"], repo)
-    assert stages_run(second.stdout) == []
-    assert "Data and pipelines are up to date" in run(["dvc", "status"], repo).stdout
+    # Model half.
+    full = run(["dvc", "repro"], repo)
+    assert stages_run(full.stdout) == ["train", "export", "evaluate"]
+    classes = yaml.safe_load((repo / "params.yaml").read_text())["filter"]["classes"]
+    model = repo / "models/model.tflite"
+    assert tflite_labels(model) == ["background", *classes]
+    assert (repo / "models/labels.txt").read_text().split() == ["background", *classes]
+    assert json.loads((repo / "models/metadata.json").read_text())["quantization"] == "float32"
+    val = json.loads((repo / "data/split/val/labels.json").read_text())
+    detections = detect(model, repo / "data/split/val/images" / val["images"][0]["file_name"])
+    assert len(detections) == 5  # score_threshold 0: the top 5 boxes, whatever the model learned
 
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["split"]["seed"] += 1
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    third = run(["dvc", "repro", "cache"], repo)
-    assert stages_run(third.stdout) == ["split", "cache"]
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
+    metrics = shown[""]["data"]["reports/evaluate/metrics.json"]["data"]
+    for name in ("keras", "tflite"):
+        assert set(METRICS) <= set(metrics[name])
+        assert set(metrics[name]["per_class"]) == set(classes)
+        assert all(-1 <= metrics[name][m] <= 1 for m in METRICS)
+    assert "val_total_loss" in metrics["keras"]
+    export = shown[""]["data"]["reports/export.json"]["data"]
+    assert export["size_bytes"] == model.stat().st_size and export["latency_ms"] > 0
+    for plot in (
+        "reports/train/plots/metrics/train/total_loss.tsv",
+        "reports/train/plots/metrics/val/total_loss.tsv",
+        "reports/train/plots/metrics/learning_rate.tsv",
+        "reports/evaluate/plots/ap/tflite.json",
+        "reports/evaluate/plots/pr/tflite_car.json",
+        "reports/evaluate/plots/images/predictions.png",
+    ):
+        assert (repo / plot).is_file(), plot
+    rendered = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
+    assert any("total_loss" in key for key in rendered) and any("pr" in key for key in rendered)
+
+    assert stages_run(run(["dvc", "repro"], repo).stdout) == []
+    set_param(repo, "export", "quantization", "float16")
+    assert stages_run(run(["dvc", "repro"], repo).stdout) == ["export", "evaluate"]
+    assert json.loads((repo / "reports/export.json").read_text())["quantization"] == "float16"
 
 
 def test_stage_error_is_one_line_without_traceback(tmp_path: Path, fixture_tree, server) -> None:

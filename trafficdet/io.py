@@ -14,7 +14,6 @@ import orjson
 
 from trafficdet.errors import PipelineError
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

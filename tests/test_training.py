@@ -1,0 +1,135 @@
+"""Model stages on a small cached dataset: resume after SIGKILL, determinism, export variants, bad params."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import fixture_overrides, make_repo, run, stage_env
+from tests.test_pipeline import TINY_MODEL, detect, set_param
+
+
+@pytest.fixture(scope="module")
+def cached_repo(tmp_path_factory: pytest.TempPathFactory, fixture_tree) -> Path:
+    """A repo whose data stages have run once; tests work on copies of it."""
+    from trafficdet.fixture_server import FixtureServer
+
+    _, manifest = fixture_tree
+    with FixtureServer(fixture_tree[0]) as server:
+        overrides = fixture_overrides(server, manifest)
+        for section, values in TINY_MODEL.items():
+            overrides.setdefault(section, {}).update(values)
+        repo = make_repo(tmp_path_factory.mktemp("cached") / "repo", overrides)
+        run(["dvc", "repro", "cache"], repo)
+    return repo
+
+
+def copy_of(repo: Path, dest: Path) -> Path:
+    shutil.copytree(repo, dest, symlinks=True)
+    return dest
+
+
+def checkpoint_values(prefix: Path) -> dict[str, np.ndarray]:
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(str(prefix))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_last_epoch(cached_repo: Path, tmp_path: Path) -> None:
+    repo = copy_of(cached_repo, tmp_path / "repo")
+    set_param(repo, "train", "epochs", 3)
+    history = repo / "models/train_state/history.json"
+    backup = repo / "models/train_state/backup"
+    child = subprocess.Popen(
+        ["dvc", "repro", "train"],
+        cwd=repo,
+        env=stage_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and child.poll() is None:
+        done = json.loads(history.read_text()) if history.exists() else []
+        if len(done) == 1 and (backup / "chief" / "checkpoint").exists():  # epoch 1 logged and backed up
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)  # into epoch 2 (an epoch takes several seconds here)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    assert len(json.loads(history.read_text())) == 1, "the kill should land during epoch 2"
+    assert not (repo / "models/train/train.json").exists()
+
+    resumed = run(["dvc", "repro", "train"], repo)
+    assert "resuming after epoch 1" in resumed.stdout + resumed.stderr
+    summary = json.loads((repo / "models/train/train.json").read_text())
+    assert summary["epochs"] == 3
+    for series in ("train/total_loss", "val/total_loss", "learning_rate"):
+        rows = (repo / f"reports/train/plots/metrics/{series}.tsv").read_text().splitlines()[1:]
+        assert [row.split("\t")[0] for row in rows] == ["0", "1", "2"], series  # each epoch once
+    assert json.loads((repo / "reports/train/metrics.json").read_text())["step"] == 2
+
+
+@pytest.mark.slow
+def test_training_is_deterministic_and_exports_every_variant(cached_repo: Path, tmp_path: Path) -> None:
+    repo = copy_of(cached_repo, tmp_path / "repo")
+    run([sys.executable, "-m", "stages.train"], repo)
+    first = checkpoint_values(repo / "models/train/float_ckpt")
+    shutil.copytree(repo / "models/train", tmp_path / "first")
+    run([sys.executable, "-m", "stages.train"], repo)
+    second = checkpoint_values(repo / "models/train/float_ckpt")
+    assert first.keys() == second.keys() and len(first) > 100
+    different = [name for name in first if not np.array_equal(first[name], second[name])]
+    assert different == []
+
+    val = json.loads((repo / "data/split/val/labels.json").read_text())
+    image = repo / "data/split/val/images" / val["images"][0]["file_name"]
+    sizes = {}
+    for kind in ("float32", "float16", "int8", "dynamic"):
+        set_param(repo, "export", "quantization", kind)
+        run([sys.executable, "-m", "stages.export"], repo)
+        sizes[kind] = (repo / "models/model.tflite").stat().st_size
+        assert len(detect(repo / "models/model.tflite", image)) == 5, kind
+    assert sizes["float16"] < sizes["float32"] and sizes["int8"] < sizes["float16"] and sizes["dynamic"] < sizes["float16"]
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("train", "architecture", "resnet50", r"train\.architecture: 'resnet50' is not one of"),
+        ("train", "batch_size", 10_000, r"train\.batch_size: 10000 is larger than the training set"),
+        ("train", "epochs", 0, r"train\.epochs: must be a positive integer, got 0"),
+        ("export", "quantization", "int4", r"export\.quantization: 'int4' is not one of"),
+    ],
+)
+def test_bad_params_fail_before_tensorflow(
+    cached_repo: Path, tmp_path: Path, section: str, key: str, value: object, message: str
+) -> None:
+    repo = copy_of(cached_repo, tmp_path / "repo")
+    set_param(repo, section, key, value)
+    (repo / "models/train").mkdir(parents=True, exist_ok=True)
+    (repo / "models/train/train.json").write_text(json.dumps({"architecture": "mobilenet_multi_avg", "epochs": 1}))
+    code = (
+        f"import sys; from stages import {section} as stage; from trafficdet.params import load_section\n"
+        f"try:\n    stage.{section}(load_section({section!r}))\n"
+        "except Exception as err:\n    print(type(err).__name__, err)\n"
+        "print('tensorflow imported:', 'tensorflow' in sys.modules)"
+    )
+    out = run([sys.executable, "-c", code], repo).stdout
+    import re
+
+    assert re.search(f"PipelineError params.yaml {message}", out), out
+    assert "tensorflow imported: False" in out
+    assert yaml.safe_load((repo / "params.yaml").read_text())[section][key] == value
