@@ -80,7 +80,7 @@ def fingerprint(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps([params, cached], sort_keys=True).encode()).hexdigest()
 
 
-def make_history_callback(live_dir: Path, history_file: Path):
+def make_history_callback(live_dir: Path, history_file: Path, train_images: int):
     """A Keras callback that logs each epoch once to dvclive, also across a resume.
 
     The history of finished epochs is kept beside the BackupAndRestore backup. On
@@ -96,15 +96,18 @@ def make_history_callback(live_dir: Path, history_file: Path):
             super().__init__()
             self.live: Live | None = None
             self.history: list[dict[str, float]] = read_json(history_file) if history_file.exists() else []
-            self.started = 0.0
+            self.started = self.validation_started = 0.0
 
         def _learning_rate(self) -> float:
             optimizer = self.model.optimizer
             rate = optimizer.learning_rate
             return float(rate(optimizer.iterations) if callable(rate) else rate)
 
+        def on_test_begin(self, logs: dict | None = None) -> None:
+            self.validation_started = time.perf_counter()  # fit() validates at each epoch's end
+
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            self.started = time.perf_counter()
+            self.started = self.validation_started = time.perf_counter()
             if self.live is None:
                 self.history = self.history[:epoch]
                 shutil.rmtree(live_dir, ignore_errors=True)
@@ -115,7 +118,10 @@ def make_history_callback(live_dir: Path, history_file: Path):
                     print(f"train: resuming after epoch {epoch} (from {STATE_DIR})")
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            record = {"epoch": epoch + 1, "learning_rate": self._learning_rate(), "seconds": time.perf_counter() - self.started}
+            now = time.perf_counter()
+            training = (self.validation_started if self.validation_started > self.started else now) - self.started
+            record = {"epoch": epoch + 1, "learning_rate": self._learning_rate(), "seconds": now - self.started,
+                      "train_images_per_s": train_images / training}
             for name, value in (logs or {}).items():
                 record[name] = float(value)
             self.history.append(record)
@@ -130,6 +136,8 @@ def make_history_callback(live_dir: Path, history_file: Path):
                         self.live.log_metric(f"{prefix}/{name}", record[key])
             self.live.log_metric("learning_rate", record["learning_rate"])
             self.live.log_metric("epoch_seconds", record["seconds"])
+            if "train_images_per_s" in record:
+                self.live.log_metric("train/images_per_s", record["train_images_per_s"])
             self.live.next_step()
 
     return EpochHistory()
@@ -167,7 +175,7 @@ def train(params: dict[str, Any]) -> dict[str, Any]:
     with atomic_dir(OUT_DIR) as out:
         init_checkpoint(params, len(labels), out / "init")
         detector = build_detector(params["architecture"], out / "init", labels, hparams, float(params["l2_weight_decay"]), out)
-        history = make_history_callback(LIVE_DIR, STATE_DIR / "history.json")
+        history = make_history_callback(LIVE_DIR, STATE_DIR / "history.json", train_info["size"])
         backup = tf.keras.callbacks.BackupAndRestore(str(STATE_DIR / "backup"))
         detector._callbacks = [history, backup]  # Model Maker's fit() takes its callbacks from here
         started = time.perf_counter()
