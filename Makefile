@@ -30,6 +30,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_filter.py
 	$(BIN)/python bench/bench_images.py
+	$(BIN)/python bench/bench_evaluate.py
+	$(BIN)/python bench/bench_tflite.py  # needs a trained model: make demo first
 
 # Re-resolve requirements.in into requirements.lock in a throwaway venv.
 lock:

@@ -100,7 +100,8 @@ def test_repro_end_to_end(tmp_path: Path, fixture_tree, server) -> None:
     ):
         assert (repo / plot).is_file(), plot
     rendered = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
-    assert any("total_loss" in key for key in rendered) and any("pr" in key for key in rendered)
+    assert "reports/train/plots/metrics/val/total_loss.tsv" in rendered["data"] and not rendered.get("errors")
+    assert "reports/evaluate/plots/pr/tflite_car.json" in rendered["data"]
 
     assert stages_run(run(["dvc", "repro"], repo).stdout) == []
     set_param(repo, "export", "quantization", "float16")
