@@ -28,15 +28,38 @@ def synthetic(images: int, seed: int = 0) -> tuple[dict, list[dict]]:
             w, h = rng.uniform(4, 300), rng.uniform(4, 300)
             box = [rng.uniform(0, 640 - w), rng.uniform(0, 480 - h), w, h]
             category = rng.randint(1, 9)
-            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": image_id, "category_id": category,
-                                      "bbox": box, "area": w * h, "iscrowd": 0})
-            jitter = [v + rng.gauss(0, 0.08 * max(w, h)) for v in box[:2]] + [w * rng.uniform(0.8, 1.2), h * rng.uniform(0.8, 1.2)]
-            detections.append({"image_id": image_id, "category_id": category if rng.random() < 0.8 else rng.randint(1, 9),
-                               "bbox": jitter, "score": rng.random()})
+            gt["annotations"].append(
+                {
+                    "id": len(gt["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": category,
+                    "bbox": box,
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+            jitter = [v + rng.gauss(0, 0.08 * max(w, h)) for v in box[:2]] + [
+                w * rng.uniform(0.8, 1.2),
+                h * rng.uniform(0.8, 1.2),
+            ]
+            detections.append(
+                {
+                    "image_id": image_id,
+                    "category_id": category if rng.random() < 0.8 else rng.randint(1, 9),
+                    "bbox": jitter,
+                    "score": rng.random(),
+                }
+            )
         while len(detections) < image_id * 100:
             w, h = rng.uniform(4, 300), rng.uniform(4, 300)
-            detections.append({"image_id": image_id, "category_id": rng.randint(1, 9), "score": rng.random() * 0.5,
-                               "bbox": [rng.uniform(0, 640 - w), rng.uniform(0, 480 - h), w, h]})
+            detections.append(
+                {
+                    "image_id": image_id,
+                    "category_id": rng.randint(1, 9),
+                    "score": rng.random() * 0.5,
+                    "bbox": [rng.uniform(0, 640 - w), rng.uniform(0, 480 - h), w, h],
+                }
+            )
     return gt, detections
 
 
@@ -61,11 +84,15 @@ def main() -> None:
     gt_file, det_file = OUT / "eval_gt.json", OUT / "eval_dets.json"
     gt_file.write_text(json.dumps(gt))
     det_file.write_text(json.dumps(detections))
-    results = {backend: [run_child(CHILD, str(gt_file), str(det_file), backend) for _ in range(args.runs)]
-               for backend in ("pycocotools", "faster_coco_eval")}
+    results = {
+        backend: [run_child(CHILD, str(gt_file), str(det_file), backend) for _ in range(args.runs)]
+        for backend in ("pycocotools", "faster_coco_eval")
+    }
     reference, fast = results["pycocotools"][0], results["faster_coco_eval"][0]
     deltas = [abs(reference["overall"][m] - fast["overall"][m]) for m in reference["overall"]]
-    deltas += [abs(reference["per_class"][c][m] - fast["per_class"][c][m]) for c in reference["per_class"] for m in ("AP", "AP50")]
+    deltas += [
+        abs(reference["per_class"][c][m] - fast["per_class"][c][m]) for c in reference["per_class"] for m in ("AP", "AP50")
+    ]
     seconds = {backend: median([r["seconds"] for r in runs]) for backend, runs in results.items()}
     result = {
         "machine": machine(),

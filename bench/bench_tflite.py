@@ -34,9 +34,11 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     models = {}
     for kind in KINDS:
-        code = ("import sys, yaml; sys.path.insert(0, '.'); from stages.export import export; "
-                "p = yaml.safe_load(open('params.yaml'))['export']; "
-                f"p.update(quantization='{kind}', latency_images=1, latency_repeats=1); export(p)")
+        code = (
+            "import sys, yaml; sys.path.insert(0, '.'); from stages.export import export; "
+            "p = yaml.safe_load(open('params.yaml'))['export']; "
+            f"p.update(quantization='{kind}', latency_images=1, latency_repeats=1); export(p)"
+        )
         subprocess.run([sys.executable, "-c", code], cwd=args.repo, check=True, capture_output=True)
         models[kind] = OUT / f"model_{kind}.tflite"
         shutil.copy(args.repo / "models/model.tflite", models[kind])
@@ -46,8 +48,12 @@ def main() -> None:
     from mediapipe.tasks.python.vision import ObjectDetector, ObjectDetectorOptions
 
     images = [mp.Image.create_from_file(str(p)) for p in sorted((args.repo / "data/split/val/images").iterdir())[: args.images]]
-    detectors = {kind: ObjectDetector.create_from_options(ObjectDetectorOptions(
-        base_options=BaseOptions(model_asset_path=str(path)), max_results=100, score_threshold=0.0)) for kind, path in models.items()}
+    detectors = {
+        kind: ObjectDetector.create_from_options(
+            ObjectDetectorOptions(base_options=BaseOptions(model_asset_path=str(path)), max_results=100, score_threshold=0.0)
+        )
+        for kind, path in models.items()
+    }
     times: dict[str, list[float]] = {kind: [] for kind in KINDS}
     for detector in detectors.values():
         detector.detect(images[0])  # warm-up
@@ -63,8 +69,14 @@ def main() -> None:
         "architecture": json.loads((args.repo / "models/train/train.json").read_text())["architecture"],
         "images": len(images),
         "runs": args.runs,
-        "variants": {kind: {"size_mb": round(models[kind].stat().st_size / 2**20, 2), "latency_ms": round(median(times[kind]), 2),
-                            "speedup_vs_float32": round(baseline / median(times[kind]), 2)} for kind in KINDS},
+        "variants": {
+            kind: {
+                "size_mb": round(models[kind].stat().st_size / 2**20, 2),
+                "latency_ms": round(median(times[kind]), 2),
+                "speedup_vs_float32": round(baseline / median(times[kind]), 2),
+            }
+            for kind in KINDS
+        },
     }
     (OUT / "tflite.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

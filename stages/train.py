@@ -47,6 +47,9 @@ def validate(params: dict[str, Any], train_size: int) -> None:
     batch = require_positive_int("train", params, "batch_size")
     if batch > train_size:
         raise PipelineError(f"params.yaml train.batch_size: {batch} is larger than the training set ({train_size} images)")
+    momentum = params.get("bn_momentum")
+    if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+        raise PipelineError(f"params.yaml train.bn_momentum: must be null or in [0, 1), got {momentum!r}")
     if not float(params["learning_rate"]) > 0:
         raise PipelineError(f"params.yaml train.learning_rate: must be positive, got {params['learning_rate']!r}")
     if params["distribution_strategy"] is False:  # YAML 1.1 reads an unquoted off as false
@@ -120,8 +123,12 @@ def make_history_callback(live_dir: Path, history_file: Path, train_images: int)
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             now = time.perf_counter()
             training = (self.validation_started if self.validation_started > self.started else now) - self.started
-            record = {"epoch": epoch + 1, "learning_rate": self._learning_rate(), "seconds": now - self.started,
-                      "train_images_per_s": train_images / training}
+            record = {
+                "epoch": epoch + 1,
+                "learning_rate": self._learning_rate(),
+                "seconds": now - self.started,
+                "train_images_per_s": train_images / training,
+            }
             for name, value in (logs or {}).items():
                 record[name] = float(value)
             self.history.append(record)
@@ -141,6 +148,31 @@ def make_history_callback(live_dir: Path, history_file: Path, train_images: int)
             self.live.next_step()
 
     return EpochHistory()
+
+
+def create_and_train(detector: Any, train_data: Any, val_data: Any, bn_momentum: float | None) -> None:
+    """Model Maker's ``_create_and_train_model``, with an optional BatchNorm momentum.
+
+    From scratch, the default momentum (0.99) leaves the moving statistics far behind
+    the quickly changing weights: measured on 239 synthetic images after 6 epochs, the
+    same batches scored 0.83 loss with batch statistics and 1.85 with the moving ones,
+    which is the train/validation gap. A lower momentum (0.9) lets them keep up.
+    Keras reads ``momentum`` when it traces the train step, so setting it before
+    ``fit`` takes effect.
+    """
+    import tensorflow as tf
+    from mediapipe_model_maker.python.core.utils import model_util
+
+    detector._optimizer = detector._create_optimizer(
+        model_util.get_steps_per_epoch(steps_per_epoch=None, batch_size=detector._hparams.batch_size, train_data=train_data)
+    )
+    detector._create_model()
+    if bn_momentum is not None:
+        for layer in detector._model.submodules:
+            if isinstance(layer, tf.keras.layers.BatchNormalization):
+                layer.momentum = float(bn_momentum)
+    detector._train_model(train_data, val_data, preprocessor=detector._preprocessor)
+    detector._save_float_ckpt()
 
 
 def train(params: dict[str, Any]) -> dict[str, Any]:
@@ -179,7 +211,7 @@ def train(params: dict[str, Any]) -> dict[str, Any]:
         backup = tf.keras.callbacks.BackupAndRestore(str(STATE_DIR / "backup"))
         detector._callbacks = [history, backup]  # Model Maker's fit() takes its callbacks from here
         started = time.perf_counter()
-        detector._create_and_train_model(train_data, val_data)  # also writes out/float_ckpt
+        create_and_train(detector, train_data, val_data, params.get("bn_momentum"))  # writes out/float_ckpt
         summary = {
             "architecture": params["architecture"],
             "init": params["init"],

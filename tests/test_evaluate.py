@@ -17,15 +17,24 @@ def ground_truth(images: int = 30, seed: int = 0) -> dict:
         for _ in range(rng.randint(1, 4)):
             w, h = rng.uniform(20, 120), rng.uniform(20, 100)
             box = [rng.uniform(0, 320 - w), rng.uniform(0, 240 - h), w, h]
-            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": image_id,
-                                      "category_id": rng.choice([1, 2]), "bbox": box, "area": w * h, "iscrowd": 0})
+            gt["annotations"].append(
+                {
+                    "id": len(gt["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": rng.choice([1, 2]),
+                    "bbox": box,
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
     return gt
 
 
 def test_perfect_detections_score_one() -> None:
     gt = ground_truth()
-    detections = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
-                  for a in gt["annotations"]]
+    detections = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9} for a in gt["annotations"]
+    ]
     result = coco_evaluate(gt, detections, "pycocotools")
     assert result["overall"]["AP"] == pytest.approx(1.0) and result["overall"]["AP50"] == pytest.approx(1.0)
     assert result["per_class"]["car"] == {"AP": pytest.approx(1.0), "AP50": pytest.approx(1.0)}
@@ -34,8 +43,10 @@ def test_perfect_detections_score_one() -> None:
 
 def test_wrong_class_scores_zero_for_that_class_and_no_detections_is_zero() -> None:
     gt = ground_truth()
-    detections = [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9 if a["category_id"] == 1 else 0.5}
-                  for a in gt["annotations"]]  # buses called cars, ranked below the real cars
+    detections = [
+        {"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9 if a["category_id"] == 1 else 0.5}
+        for a in gt["annotations"]
+    ]  # buses called cars, ranked below the real cars
     result = coco_evaluate(gt, detections, "pycocotools")
     assert result["per_class"]["bus"]["AP"] == 0.0 and result["per_class"]["car"]["AP"] == pytest.approx(1.0)
     empty = coco_evaluate(gt, [], "pycocotools")
@@ -48,9 +59,14 @@ def test_faster_coco_eval_gives_pycocotools_numbers() -> None:
     detections = []
     for ann in gt["annotations"]:
         x, y, w, h = ann["bbox"]
-        detections.append({"image_id": ann["image_id"], "category_id": ann["category_id"] if rng.random() < 0.8 else 3 - ann["category_id"],
-                           "bbox": [x + rng.gauss(0, 6), y + rng.gauss(0, 6), w * rng.uniform(0.8, 1.2), h * rng.uniform(0.8, 1.2)],
-                           "score": rng.random()})
+        detections.append(
+            {
+                "image_id": ann["image_id"],
+                "category_id": ann["category_id"] if rng.random() < 0.8 else 3 - ann["category_id"],
+                "bbox": [x + rng.gauss(0, 6), y + rng.gauss(0, 6), w * rng.uniform(0.8, 1.2), h * rng.uniform(0.8, 1.2)],
+                "score": rng.random(),
+            }
+        )
     reference = coco_evaluate(gt, detections, "pycocotools")
     fast = coco_evaluate(gt, detections, "faster_coco_eval")
     assert 0.1 < reference["overall"]["AP"] < 0.9  # a non-trivial case

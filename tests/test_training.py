@@ -138,8 +138,12 @@ def test_bad_params_fail_before_tensorflow(
 @pytest.mark.slow
 def test_qat_keeps_both_checkpoints_and_exports_int8(cached_repo: Path, tmp_path: Path) -> None:
     repo = copy_of(cached_repo, tmp_path / "repo")
-    set_param(repo, "train", "qat", {"enabled": True, "epochs": 1, "batch_size": 4, "learning_rate": 0.3,
-                                     "decay_steps": 8, "decay_rate": 0.96})
+    set_param(
+        repo,
+        "train",
+        "qat",
+        {"enabled": True, "epochs": 1, "batch_size": 4, "learning_rate": 0.3, "decay_steps": 8, "decay_rate": 0.96},
+    )
     set_param(repo, "export", "quantization", "qat_int8")
     run([sys.executable, "-m", "stages.train"], repo)
     assert (repo / "models/train/float_ckpt.index").exists() and (repo / "models/train/qat_ckpt.index").exists()

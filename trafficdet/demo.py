@@ -26,7 +26,7 @@ LARGE_CLASSES = ("car", "bus", "truck")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=18)
     parser.add_argument("--dir", type=Path, default=ROOT / ".demo")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more -S overrides")
     args = parser.parse_args()
@@ -43,6 +43,7 @@ def main() -> None:
             "download.pretrained": "scratch",
             "filter.images_per_class": "all",
             "train.init": "scratch",
+            "train.bn_momentum": 0.9,
             "train.epochs": args.epochs,
         }
         flags = [f"-S{key}={value}" for key, value in overrides.items()] + [f"-S{item}" for item in args.set]
