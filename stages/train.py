@@ -11,6 +11,7 @@ writes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -163,15 +164,18 @@ def create_and_train(detector: Any, train_data: Any, val_data: Any, bn_momentum:
     import tensorflow as tf
     from mediapipe_model_maker.python.core.utils import model_util
 
-    detector._optimizer = detector._create_optimizer(
-        model_util.get_steps_per_epoch(steps_per_epoch=None, batch_size=detector._hparams.batch_size, train_data=train_data)
-    )
-    detector._create_model()
-    if bn_momentum is not None:
-        for layer in detector._model.submodules:
-            if isinstance(layer, tf.keras.layers.BatchNormalization):
-                layer.momentum = float(bn_momentum)
-    detector._train_model(train_data, val_data, preprocessor=detector._preprocessor)
+    # Model Maker 0.2.1.4 builds train.distribution_strategy but never enters it: do it here.
+    strategy = detector._hparams.get_strategy()
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        detector._optimizer = detector._create_optimizer(
+            model_util.get_steps_per_epoch(steps_per_epoch=None, batch_size=detector._hparams.batch_size, train_data=train_data)
+        )
+        detector._create_model()
+        if bn_momentum is not None:
+            for layer in detector._model.submodules:
+                if isinstance(layer, tf.keras.layers.BatchNormalization):
+                    layer.momentum = float(bn_momentum)
+        detector._train_model(train_data, val_data, preprocessor=detector._preprocessor)
     detector._save_float_ckpt()
 
 

@@ -205,10 +205,8 @@ def _fetch_http(url: str, partial: Path, policy: RetryPolicy, progress: bool, hi
                 last_problem = f"cannot reach {host}: {last_problem}"
         except requests.exceptions.ChunkedEncodingError:
             last_problem = "connection dropped mid-transfer"
-    raise PipelineError(
-        f"download {url}: {last_problem} after {policy.retries + 1} attempts "
-        f"(partial file kept at {partial}; rerun to resume, or set download.mirror)"
-    )
+    kept = f"partial file kept at {partial}; rerun to resume" if partial.exists() else "rerun when the network is back"
+    raise PipelineError(f"download {url}: {last_problem} after {policy.retries + 1} attempts ({kept}, or set download.mirror)")
 
 
 def _expected_total(response: requests.Response, offset: int) -> int | None:
