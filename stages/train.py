@@ -151,6 +151,25 @@ def make_history_callback(live_dir: Path, history_file: Path, train_images: int)
     return EpochHistory()
 
 
+def create_model_with_bn_momentum(detector: Any, momentum: float) -> None:
+    """``detector._create_model()`` with another BatchNorm momentum in tf-models' config.
+
+    Setting ``layer.momentum`` after the model is built has no effect on these
+    (synchronized) BatchNorm layers: measured, a momentum-0 update moved the moving
+    variance by 1%, as 0.99 does. The config's ``norm_momentum`` is read at build time.
+    """
+    from mediapipe_model_maker.python.vision.object_detector import model as model_lib
+
+    class Model(model_lib.ObjectDetectorModel):
+        def _get_model_config(self, *args: Any, **kwargs: Any) -> Any:
+            config = super()._get_model_config(*args, **kwargs)
+            config.norm_activation.norm_momentum = momentum
+            return config
+
+    detector._model = Model(model_spec=detector._model_spec, model_options=detector._model_options,
+                            num_classes=detector._num_classes)
+
+
 def create_and_train(detector: Any, train_data: Any, val_data: Any, bn_momentum: float | None) -> None:
     """Model Maker's ``_create_and_train_model``, with an optional BatchNorm momentum.
 
@@ -158,10 +177,7 @@ def create_and_train(detector: Any, train_data: Any, val_data: Any, bn_momentum:
     the quickly changing weights: measured on 239 synthetic images after 6 epochs, the
     same batches scored 0.83 loss with batch statistics and 1.85 with the moving ones,
     which is the train/validation gap. A lower momentum (0.9) lets them keep up.
-    Keras reads ``momentum`` when it traces the train step, so setting it before
-    ``fit`` takes effect.
     """
-    import tensorflow as tf
     from mediapipe_model_maker.python.core.utils import model_util
 
     # Model Maker 0.2.1.4 builds train.distribution_strategy but never enters it: do it here.
@@ -170,11 +186,10 @@ def create_and_train(detector: Any, train_data: Any, val_data: Any, bn_momentum:
         detector._optimizer = detector._create_optimizer(
             model_util.get_steps_per_epoch(steps_per_epoch=None, batch_size=detector._hparams.batch_size, train_data=train_data)
         )
-        detector._create_model()
-        if bn_momentum is not None:
-            for layer in detector._model.submodules:
-                if isinstance(layer, tf.keras.layers.BatchNormalization):
-                    layer.momentum = float(bn_momentum)
+        if bn_momentum is None:
+            detector._create_model()
+        else:
+            create_model_with_bn_momentum(detector, float(bn_momentum))
         detector._train_model(train_data, val_data, preprocessor=detector._preprocessor)
     detector._save_float_ckpt()
 
