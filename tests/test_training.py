@@ -151,3 +151,29 @@ def test_qat_keeps_both_checkpoints_and_exports_int8(cached_repo: Path, tmp_path
     val = json.loads((repo / "data/split/val/labels.json").read_text())
     assert detect(repo / "models/model.tflite", repo / "data/split/val/images" / val["images"][0]["file_name"])
     assert json.loads((repo / "reports/export.json").read_text())["quantization"] == "qat_int8"
+
+
+def test_bn_momentum_reaches_the_built_layers(cached_repo: Path, tmp_path: Path) -> None:
+    """Setting layer.momentum after the build is silently ignored; the config value is not."""
+    repo = copy_of(cached_repo, tmp_path / "repo")
+    code = """
+import tensorflow as tf
+from pathlib import Path
+from stages.train import create_model_with_bn_momentum
+from trafficdet.modelmaker import build_detector, cache_record, label_names, model_spec, write_scratch_checkpoint
+labels = label_names(cache_record("train"))
+write_scratch_checkpoint(model_spec("mobilenet_multi_avg", Path("init")), len(labels), 3e-5, Path("init"))
+images = tf.random.stateless_uniform([4, 256, 256, 3], seed=[1, 2])
+for momentum in (None, 0.9):
+    detector = build_detector("mobilenet_multi_avg", Path("init"), labels, {}, 3e-5, Path("out"))
+    detector._create_model() if momentum is None else create_model_with_bn_momentum(detector, momentum)
+    layer = next(l for l in detector._model.submodules if isinstance(l, tf.keras.layers.BatchNormalization))
+    before = layer.moving_mean.numpy().copy()
+    detector._model(images, training=True)
+    print("moved", momentum, float(abs(layer.moving_mean.numpy() - before).sum()))
+"""
+    moved = dict(
+        line.split()[1:] for line in run([sys.executable, "-c", code], repo).stdout.splitlines() if line.startswith("moved")
+    )
+    # one update moves the moving mean by (1 - momentum) of the gap: 10x further at 0.9 than at 0.99
+    assert 8 < float(moved["0.9"]) / float(moved["None"]) < 12
