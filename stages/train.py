@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import shutil
 import time
@@ -166,8 +167,9 @@ def create_model_with_bn_momentum(detector: Any, momentum: float) -> None:
             config.norm_activation.norm_momentum = momentum
             return config
 
-    detector._model = Model(model_spec=detector._model_spec, model_options=detector._model_options,
-                            num_classes=detector._num_classes)
+    detector._model = Model(
+        model_spec=detector._model_spec, model_options=detector._model_options, num_classes=detector._num_classes
+    )
 
 
 def create_and_train(detector: Any, train_data: Any, val_data: Any, bn_momentum: float | None) -> None:
@@ -186,10 +188,11 @@ def create_and_train(detector: Any, train_data: Any, val_data: Any, bn_momentum:
         detector._optimizer = detector._create_optimizer(
             model_util.get_steps_per_epoch(steps_per_epoch=None, batch_size=detector._hparams.batch_size, train_data=train_data)
         )
-        if bn_momentum is None:
-            detector._create_model()
-        else:
-            create_model_with_bn_momentum(detector, float(bn_momentum))
+        with contextlib.redirect_stdout(io.StringIO()):  # Model Maker prints a 100-line model summary
+            if bn_momentum is None:
+                detector._create_model()
+            else:
+                create_model_with_bn_momentum(detector, float(bn_momentum))
         detector._train_model(train_data, val_data, preprocessor=detector._preprocessor)
     detector._save_float_ckpt()
 

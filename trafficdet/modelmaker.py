@@ -8,7 +8,9 @@ wins), so the user's real temp dir is never read or written for it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import tempfile
 import warnings
@@ -124,7 +126,8 @@ def restore_detector(train_dir: Path, export_dir: Path, qat: bool = False):
     detector = build_detector(
         summary["architecture"], train_dir / "init", summary["labels"], {}, summary["l2_weight_decay"], train_dir
     )
-    detector.restore_float_ckpt()  # reads train_dir/float_ckpt
+    with contextlib.redirect_stdout(io.StringIO()):  # Model Maker prints a 100-line model summary
+        detector.restore_float_ckpt()  # reads train_dir/float_ckpt
     if qat:
         detector._model.convert_to_qat()
         detector._model.load_checkpoint(str(train_dir / "qat_ckpt"), include_last_layer=True)
