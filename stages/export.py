@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trafficdet.architectures import ARCHITECTURES
-from trafficdet.errors import PipelineError, run_stage
+from trafficdet.errors import run_stage
 from trafficdet.io import read_json, write_bytes, write_json
 from trafficdet.modelmaker import load_dataset, quiet_tensorflow, restore_detector
 from trafficdet.params import load_section, require_choice, require_positive_int
@@ -30,7 +30,7 @@ MODEL = Path("models/model.tflite")
 METADATA = Path("models/metadata.json")
 LABELS = Path("models/labels.txt")
 REPORT = Path("reports/export.json")
-QUANTIZATIONS = ["float32", "float16", "int8", "dynamic", "qat_int8"]
+QUANTIZATIONS = ["float32", "float16", "int8", "dynamic"]
 
 
 def shorten_lists(value: Any, limit: int = 100) -> Any:
@@ -43,7 +43,7 @@ def shorten_lists(value: Any, limit: int = 100) -> Any:
 
 
 def quantization_config(kind: str, representative_steps: int):
-    """Model Maker's post-training quantization config for ``kind`` (None: float32 or QAT)."""
+    """Model Maker's post-training quantization config for ``kind`` (None: float32)."""
     from mediapipe_model_maker.python.core.utils import quantization
 
     if kind == "float16":
@@ -80,13 +80,11 @@ def export(params: dict[str, Any], out_model: Path = MODEL) -> dict[str, Any]:
     steps = require_positive_int("export", params, "representative_steps")
     repeats = require_positive_int("export", params, "latency_repeats")
     summary = read_json(TRAIN_DIR / "train.json")
-    if kind == "qat_int8" and "qat" not in summary:
-        raise PipelineError("params.yaml export.quantization: qat_int8 needs a QAT checkpoint: set train.qat.enabled: true")
     quiet_tensorflow()
     out_model.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_model.parent, prefix=".export.") as scratch:
         tmp = Path(scratch)
-        detector = restore_detector(TRAIN_DIR, tmp, qat=kind == "qat_int8")
+        detector = restore_detector(TRAIN_DIR, tmp)
         detector.export_model("model.tflite", quantization_config(kind, steps))
         tflite_metadata = shorten_lists(json.loads((tmp / "metadata.json").read_text()))
         images = sorted(VAL_IMAGES.iterdir())[: int(params["latency_images"])]

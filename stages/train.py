@@ -2,7 +2,7 @@
 
 Reads data/cache/{train,val} and models/pretrained (or builds a scratch initialisation);
 writes
-    models/train/           float_ckpt.* (+ qat_ckpt.* with train.qat.enabled), init/ (the
+    models/train/           float_ckpt.*, init/ (the
                             starting checkpoint, needed to rebuild the model) and train.json
     models/train_state/     persist: the last finished epoch (Keras BackupAndRestore) and the
                             logged history, so a killed run continues where it stopped
@@ -57,11 +57,15 @@ def validate(params: dict[str, Any], train_size: int) -> None:
     if params["distribution_strategy"] is False:  # YAML 1.1 reads an unquoted off as false
         params["distribution_strategy"] = "off"
     require_choice("train", params, "distribution_strategy", ["off", "one_device", "mirrored"])
-    qat = params.get("qat") or {}
-    if qat.get("enabled"):
-        require_positive_int("train.qat", qat, "epochs")
-        if require_positive_int("train.qat", qat, "batch_size") > train_size:
-            raise PipelineError(f"params.yaml train.qat.batch_size: larger than the training set ({train_size} images)")
+    if (params.get("qat") or {}).get("enabled"):
+        # Model Maker's quantization_aware_training() fails in this locked stack for every
+        # architecture: tfmot raises "Layer conv2dbn_block_N (Conv2DBNBlock) is not supported"
+        # (measured for mobilenet_multi_avg and mobilenet_v2). Fail before any training.
+        raise PipelineError(
+            "params.yaml train.qat.enabled: QAT does not work with the locked Model Maker 0.2.1.4 / tf-models 2.15 / "
+            "tfmot stack (tfmot cannot quantize tf-models' Conv2DBNBlock); use export.quantization: int8 "
+            "(post-training) instead"
+        )
 
 
 def init_checkpoint(params: dict[str, Any], num_classes: int, out: Path) -> None:
@@ -245,14 +249,6 @@ def train(params: dict[str, Any]) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - started, 1),
             "final": history.history[-1] if history.history else {},
         }
-        qat = params.get("qat") or {}
-        if qat.get("enabled"):
-            from mediapipe_model_maker.python.vision.object_detector import hyperparameters
-
-            qat_hparams = hyperparameters.QATHParams(**{k: v for k, v in qat.items() if k != "enabled"})
-            detector.quantization_aware_training(train_data, val_data, qat_hparams)
-            detector._model.save_checkpoint(str(out / "qat_ckpt"))
-            summary["qat"] = {"epochs": qat_hparams.epochs}
         write_json(out / "train.json", summary, indent=True)
     write_json(marker, {"fingerprint": state_id, "complete": True}, indent=True)
     shutil.rmtree(STATE_DIR / "backup", ignore_errors=True)

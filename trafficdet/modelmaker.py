@@ -117,20 +117,13 @@ def label_names(record: dict[str, Any]) -> list[str]:
     return [name for _, name in sorted(record["label_map"].items(), key=lambda kv: int(kv[0]))]
 
 
-def restore_detector(train_dir: Path, export_dir: Path, qat: bool = False):
-    """Rebuild the trained ``ObjectDetector`` from the train stage's checkpoints.
-
-    ``qat`` restores the quantization-aware checkpoint on top of the float one.
-    """
+def restore_detector(train_dir: Path, export_dir: Path):
+    """Rebuild the trained ``ObjectDetector`` from the train stage's float checkpoint."""
     summary = read_json(train_dir / "train.json")
     detector = build_detector(
         summary["architecture"], train_dir / "init", summary["labels"], {}, summary["l2_weight_decay"], train_dir
     )
     with contextlib.redirect_stdout(io.StringIO()):  # Model Maker prints a 100-line model summary
         detector.restore_float_ckpt()  # reads train_dir/float_ckpt
-    if qat:
-        detector._model.convert_to_qat()
-        detector._model.load_checkpoint(str(train_dir / "qat_ckpt"), include_last_layer=True)
-        detector._is_qat = True
     detector._hparams.export_dir = str(export_dir)  # export writes here, not into the train output
     return detector
