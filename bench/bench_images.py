@@ -22,20 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from stages.images import fetch_per_image  # noqa: E402
 from trafficdet.fetch import RetryPolicy  # noqa: E402
-from trafficdet.fixture import generate  # noqa: E402
-
-
-def images_of(root: Path) -> list[dict]:
-    import zipfile
-
-    import orjson
-
-    with zipfile.ZipFile(root / "annotations/annotations_trainval2017.zip") as zf:
-        return [
-            image
-            for split in ("train2017", "val2017")
-            for image in orjson.loads(zf.read(f"annotations/instances_{split}.json"))["images"]
-        ]
+from trafficdet.fixture import generate, image_records  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +36,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "fixture"
         generate(root, images=args.images, seed=0)
-        wanted = images_of(root)
+        wanted = image_records(root)
         url_file = Path(tmp) / "url"
         server = subprocess.Popen(
             [

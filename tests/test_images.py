@@ -10,23 +10,11 @@ from PIL import Image
 
 from stages import images
 from trafficdet.fetch import RetryPolicy
+from trafficdet.fixture import image_records
 from trafficdet.fixture_server import FixtureServer
 from trafficdet.io import read_json
 
 FAST = RetryPolicy(retries=1, backoff_s=0.01, timeout_s=10)
-
-
-def fixture_images(root: Path) -> list[dict]:
-    import zipfile
-
-    with zipfile.ZipFile(root / "annotations/annotations_trainval2017.zip") as zf:
-        import orjson
-
-        return [
-            img
-            for split in ("train2017", "val2017")
-            for img in orjson.loads(zf.read(f"annotations/instances_{split}.json"))["images"]
-        ]
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +24,7 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_per_image_fetch_rejects_the_corrupt_jpeg(fixture_tree, server: FixtureServer, tmp_path: Path) -> None:
     root, _ = fixture_tree
-    wanted = fixture_images(root)
+    wanted = image_records(root)
     results = images.fetch_per_image(wanted, tmp_path / "store", server.url, 8, FAST)
     rejected = {name: reason for name, reason in results.items() if reason}
     assert list(rejected) == [wanted[0]["file_name"]]  # the fixture truncates its first image
@@ -51,7 +39,7 @@ def test_per_image_fetch_rejects_the_corrupt_jpeg(fixture_tree, server: FixtureS
 
 def test_missing_image_is_rejected_not_fatal(fixture_tree, server: FixtureServer, tmp_path: Path) -> None:
     root, _ = fixture_tree
-    wanted = fixture_images(root)[1:4]
+    wanted = image_records(root)[1:4]
     server.inject(wanted[1]["coco_url"].split("cocodataset.org")[1], "status:404")
     results = images.fetch_per_image(wanted, tmp_path / "store", server.url, 2, FAST)
     assert results[wanted[1]["file_name"]] == "HTTP 404"
@@ -71,7 +59,7 @@ def test_size_mismatch_and_non_jpeg_are_rejected(tmp_path: Path) -> None:
 
 def test_zips_route_extracts_only_needed_files(fixture_tree, server: FixtureServer, tmp_path: Path) -> None:
     root, manifest = fixture_tree
-    wanted = fixture_images(root)[1:6]
+    wanted = image_records(root)[1:6]
     zips = [(f"{server.url}/zips/{side}2017.zip", manifest["checksums"][f"zips/{side}2017.zip"]) for side in ("train", "val")]
     results = images.fetch_from_zips(wanted, tmp_path / "store", zips, 2, FAST)
     assert results == {image["file_name"]: "" for image in wanted}
@@ -101,7 +89,7 @@ def test_index_lists_kept_and_rejected(fixture_tree, server: FixtureServer, tmp_
     labels.parent.mkdir(parents=True)
     import orjson
 
-    labels.write_bytes(orjson.dumps({"images": fixture_images(root)[:3]}))
+    labels.write_bytes(orjson.dumps({"images": image_records(root)[:3]}))
     Path("params.yaml").write_text(
         f"download: {{images: per_image, image_workers: 2, mirror: '{server.url}', retries: 1, backoff_s: 0.01, timeout_s: 10}}\n"
     )

@@ -338,6 +338,18 @@ def generate(
     return manifest
 
 
+def image_records(root: Path) -> list[dict[str, Any]]:
+    """The COCO image records (with ``coco_url``) of a generated fixture, train then val."""
+    import orjson
+
+    with zipfile.ZipFile(Path(root) / ANNOTATIONS_ZIP) as zf:
+        return [
+            image
+            for split in ("train2017", "val2017")
+            for image in orjson.loads(zf.read(f"annotations/instances_{split}.json"))["images"]
+        ]
+
+
 def download_params(base_url: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """The ``download:`` params that point the pipeline at a fixture served at ``base_url``."""
     sums = manifest["checksums"]
