@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +193,6 @@ def evaluate(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
         raise PipelineError(f"{MODEL}: missing; run the export stage first")
     ground_truth = read_json(VAL_DIR / "labels.json")
     quiet_tensorflow()
-    import shutil
 
     from dvclive import Live
 

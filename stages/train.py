@@ -213,7 +213,8 @@ def train(params: dict[str, Any]) -> dict[str, Any]:
 
     state_id = fingerprint(params)
     marker = STATE_DIR / "state.json"
-    if not marker.exists() or read_json(marker).get("fingerprint") != state_id or read_json(marker).get("complete"):
+    saved = read_json(marker) if marker.exists() else {}
+    if saved.get("fingerprint") != state_id or saved.get("complete"):
         shutil.rmtree(STATE_DIR, ignore_errors=True)
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     write_json(marker, {"fingerprint": state_id, "complete": False}, indent=True)
