@@ -1,6 +1,6 @@
 """cache: Model Maker's TFRecord cache of each split, the only data the train stage reads.
 
-Reads data/split/{train,val}; writes data/cache/{train,val}/ (TFRecord shards, Model
+Reads data/split/{train,val}/labels.json and data/images/; writes data/cache/{train,val}/ (TFRecord shards, Model
 Maker's metadata YAML, and ``cache.json`` naming the prefix and shard count so that
 training can call ``Dataset.from_cache`` without the images) and reports/cache.json.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.io import atomic_dir, read_json, write_json
-from trafficdet.modelmaker import quiet_tensorflow
+from trafficdet.modelmaker import IMAGE_STORE, model_maker_folder, quiet_tensorflow
 
 SPLIT_DIR = Path("data/split")
 CACHE_DIR = Path("data/cache")
@@ -20,16 +20,16 @@ REPORT = Path("reports/cache.json")
 SIDES = ("train", "val")
 
 
-def build_cache(split_dir: Path, cache_dir: Path) -> dict[str, Any]:
-    """Write the TFRecord cache of one split folder; return its ``cache.json`` record."""
+def build_cache(split_dir: Path, cache_dir: Path, store: Path = IMAGE_STORE) -> dict[str, Any]:
+    """Write the TFRecord cache of one split side; return its ``cache.json`` record."""
     quiet_tensorflow()
     from mediapipe_model_maker.python.vision.object_detector import dataset_util
     from mediapipe_model_maker.python.vision.object_detector.dataset import Dataset
 
     labels = read_json(split_dir / "labels.json")
-    with atomic_dir(cache_dir) as tmp:
-        dataset = Dataset.from_coco_folder(str(split_dir), cache_dir=str(tmp))
-        files = dataset_util.get_cache_files_coco(str(split_dir), str(tmp))
+    with atomic_dir(cache_dir) as tmp, model_maker_folder(split_dir / "labels.json", store) as folder:
+        dataset = Dataset.from_coco_folder(str(folder), cache_dir=str(tmp))
+        files = dataset_util.get_cache_files_coco(str(folder), str(tmp))
         if dataset.size != len(labels["images"]):
             raise PipelineError(
                 f"{split_dir}: cached {dataset.size} of {len(labels['images'])} images "

@@ -25,7 +25,7 @@ import numpy as np
 
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.io import read_json, write_json
-from trafficdet.modelmaker import load_dataset, quiet_tensorflow, restore_detector
+from trafficdet.modelmaker import IMAGE_STORE, load_dataset, quiet_tensorflow, restore_detector
 from trafficdet.params import load_section, require_choice, require_positive_int
 
 TRAIN_DIR = Path("models/train")
@@ -202,10 +202,10 @@ def evaluate(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
         keras_dets, losses = keras_detections(detector, batch_size)
         keras = coco_evaluate(ground_truth, keras_dets, backend)
         write_results(live, "keras", keras, losses)
-        tflite_dets = tflite_detections(MODEL, ground_truth, VAL_DIR / "images", max_results)
+        tflite_dets = tflite_detections(MODEL, ground_truth, IMAGE_STORE, max_results)
         tflite = coco_evaluate(ground_truth, tflite_dets, backend)
         write_results(live, "tflite", tflite, {})
-        live.log_image("predictions.png", prediction_grid(ground_truth, tflite_dets, VAL_DIR / "images"))
+        live.log_image("predictions.png", prediction_grid(ground_truth, tflite_dets, IMAGE_STORE))
     return {"keras": keras["overall"], "tflite": tflite["overall"]}
 
 

@@ -1,7 +1,7 @@
 """export: the trained model as the TFLite file the app loads, with metadata and labels.
 
-Reads models/train (and data/cache/train for int8's representative set, data/split/val
-for the latency run); writes
+Reads models/train (and data/cache/train for int8's representative set, data/split/val/labels.json
+and data/images/ for the latency run); writes
     models/model.tflite    Model Maker's export: TFLite with metadata (labels, anchors, norms)
     models/metadata.json   what the model is (architecture, labels, quantization, input size)
                            and the TFLite metadata as JSON
@@ -21,11 +21,11 @@ from typing import Any
 from trafficdet.architectures import ARCHITECTURES
 from trafficdet.errors import run_stage
 from trafficdet.io import read_json, write_bytes, write_json
-from trafficdet.modelmaker import load_dataset, quiet_tensorflow, restore_detector
+from trafficdet.modelmaker import IMAGE_STORE, load_dataset, quiet_tensorflow, restore_detector
 from trafficdet.params import load_section, require_choice, require_positive_int
 
 TRAIN_DIR = Path("models/train")
-VAL_IMAGES = Path("data/split/val/images")
+VAL_LABELS = Path("data/split/val/labels.json")
 MODEL = Path("models/model.tflite")
 METADATA = Path("models/metadata.json")
 LABELS = Path("models/labels.txt")
@@ -87,7 +87,8 @@ def export(params: dict[str, Any], out_model: Path = MODEL) -> dict[str, Any]:
         detector = restore_detector(TRAIN_DIR, tmp)
         detector.export_model("model.tflite", quantization_config(kind, steps))
         tflite_metadata = shorten_lists(json.loads((tmp / "metadata.json").read_text()))
-        images = sorted(VAL_IMAGES.iterdir())[: int(params["latency_images"])]
+        names = sorted(image["file_name"] for image in read_json(VAL_LABELS)["images"])
+        images = [IMAGE_STORE / name for name in names[: int(params["latency_images"])]]
         latency = measure_latency(tmp / "model.tflite", images, repeats)
         size = (tmp / "model.tflite").stat().st_size
         arch = ARCHITECTURES[summary["architecture"]]

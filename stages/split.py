@@ -1,14 +1,15 @@
-"""split: seeded train/validation split in Model Maker's folder layout, without copying images.
+"""split: seeded train/validation split, as one COCO file per side.
 
-Reads data/filtered/labels.json, data/images.json and data/images/; writes
-    data/split/{train,val}/labels.json   COCO files of each side
-    data/split/{train,val}/images/       relative symlinks into data/images/
+Reads data/filtered/labels.json and data/images.json; writes
+    data/split/{train,val}/labels.json   COCO files of each side (file names index data/images/)
     reports/split.json                   per-side, per-class image and box counts (DVC metrics)
+
+Only label files: images stay in data/images/, so the split is a small cached output
+that `dvc push`/`dvc pull` carry like any other (a folder of symlinks would not be).
 """
 
 from __future__ import annotations
 
-import os
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -20,7 +21,6 @@ from trafficdet.params import load_section, require_choice
 
 LABELS = Path("data/filtered/labels.json")
 IMAGE_INDEX = Path("data/images.json")
-STORE = Path("data/images")
 OUT_DIR = Path("data/split")
 REPORT = Path("reports/split.json")
 SIDES = ("train", "val")
@@ -92,15 +92,10 @@ def split_dataset(
     return sides, report
 
 
-def write_split(sides: dict[str, dict], out: Path = OUT_DIR, store: Path = STORE) -> None:
-    """Model Maker's layout per side: images/ (relative symlinks) + labels.json."""
+def write_split(sides: dict[str, dict], out: Path = OUT_DIR) -> None:
+    """One ``<side>/labels.json`` per side, all or nothing."""
     with atomic_dir(out) as tmp:
         for side, coco in sides.items():
-            image_dir = tmp / side / "images"
-            image_dir.mkdir(parents=True)
-            target_root = os.path.relpath(store.resolve(), (out / side / "images").resolve())
-            for image in coco["images"]:
-                os.symlink(os.path.join(target_root, image["file_name"]), image_dir / image["file_name"])
             write_json(tmp / side / "labels.json", coco)
 
 

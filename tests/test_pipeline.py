@@ -59,8 +59,7 @@ def test_repro_end_to_end(tmp_path: Path, fixture_tree, server) -> None:
     assert stages_run(first.stdout) == ["download", "filter", "images", "split", "cache"]
     train = json.loads((repo / "data/split/train/labels.json").read_text())
     assert [c["id"] for c in train["categories"]] == list(range(1, 10))
-    some_image = repo / "data/split/train/images" / train["images"][0]["file_name"]
-    assert some_image.is_symlink() and some_image.resolve().parent == (repo / "data/images").resolve()
+    assert (repo / "data/images" / train["images"][0]["file_name"]).is_file()
     cache = json.loads((repo / "data/cache/train/cache.json").read_text())
     assert cache["size"] == len(train["images"])
     rejected = json.loads((repo / "data/images.json").read_text())["rejected"]
@@ -78,7 +77,7 @@ def test_repro_end_to_end(tmp_path: Path, fixture_tree, server) -> None:
     assert (repo / "models/labels.txt").read_text().split() == ["background", *classes]
     assert json.loads((repo / "models/metadata.json").read_text())["quantization"] == "float32"
     val = json.loads((repo / "data/split/val/labels.json").read_text())
-    detections = detect(model, repo / "data/split/val/images" / val["images"][0]["file_name"])
+    detections = detect(model, repo / "data/images" / val["images"][0]["file_name"])
     assert len(detections) == 5  # score_threshold 0: the top 5 boxes, whatever the model learned
 
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)

@@ -1,4 +1,4 @@
-"""split: stratified by class presence, seeded, published; Model Maker's layout with links."""
+"""split: stratified by class presence, seeded, published; label files only; Model Maker's folder view."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from stages import split
 from trafficdet.errors import PipelineError
+from trafficdet.modelmaker import model_maker_folder
 
 
 def synthetic_coco(n: int = 200, seed: int = 0) -> dict:
@@ -72,17 +73,37 @@ def test_rejected_images_and_their_boxes_are_left_out() -> None:
     assert all(ann["image_id"] != 3 for side in sides.values() for ann in side["annotations"])
 
 
-def test_layout_links_into_the_store(tmp_path: Path) -> None:
+def test_split_holds_labels_only_and_model_maker_sees_its_folder_layout(tmp_path: Path) -> None:
     store = tmp_path / "data/images"
     store.mkdir(parents=True)
     coco = synthetic_coco(10)
     for image in coco["images"]:
-        (store / image["file_name"]).write_bytes(b"jpeg")
+        (store / image["file_name"]).write_bytes(b"jpeg" + image["file_name"].encode())
     sides, _ = split.split_dataset(coco, {i["file_name"] for i in coco["images"]}, "stratified", 0.2, 0)
-    split.write_split(sides, tmp_path / "data/split", store)
+    split.write_split(sides, tmp_path / "data/split")
+    # Plain files only: a DVC output that push/pull carry as is.
+    assert sorted(p.relative_to(tmp_path / "data/split").as_posix() for p in (tmp_path / "data/split").rglob("*")) == [
+        "train",
+        "train/labels.json",
+        "val",
+        "val/labels.json",
+    ]
     for side in ("train", "val"):
-        labels = json.loads((tmp_path / "data/split" / side / "labels.json").read_text())
-        for image in labels["images"]:
-            link = tmp_path / "data/split" / side / "images" / image["file_name"]
-            assert link.is_symlink() and not Path(link.readlink()).is_absolute()
-            assert link.read_bytes() == b"jpeg"
+        labels_file = tmp_path / "data/split" / side / "labels.json"
+        with model_maker_folder(labels_file, store, tmp_path / "scratch") as folder:
+            assert json.loads((folder / "labels.json").read_text()) == json.loads(labels_file.read_text())
+            names = {image["file_name"] for image in sides[side]["images"]}
+            assert {p.name for p in (folder / "images").iterdir()} == names
+            for name in names:
+                assert (folder / "images" / name).read_bytes() == b"jpeg" + name.encode()
+        assert not folder.exists()
+
+
+def test_model_maker_folder_names_a_missing_image(tmp_path: Path) -> None:
+    coco = synthetic_coco(3)
+    labels_file = tmp_path / "labels.json"
+    labels_file.write_text(json.dumps(coco))
+    (tmp_path / "images").mkdir()
+    with pytest.raises(PipelineError, match=r"images/0\.jpg: missing \(listed in .*labels\.json\); run the images stage"):
+        with model_maker_folder(labels_file, tmp_path / "images", tmp_path / "scratch"):
+            pass

@@ -95,7 +95,7 @@ def test_training_is_deterministic_and_exports_every_variant(cached_repo: Path, 
     assert different == []
 
     val = json.loads((repo / "data/split/val/labels.json").read_text())
-    image = repo / "data/split/val/images" / val["images"][0]["file_name"]
+    image = repo / "data/images" / val["images"][0]["file_name"]
     sizes = {}
     for kind in ("float32", "float16", "int8", "dynamic"):
         set_param(repo, "export", "quantization", kind)

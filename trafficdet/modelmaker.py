@@ -12,8 +12,10 @@ import contextlib
 import dataclasses
 import io
 import os
+import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from trafficdet.errors import PipelineError
 from trafficdet.io import read_json
 
 CACHE_DIR = Path("data/cache")
+IMAGE_STORE = Path("data/images")
 PRIVATE_TMP = Path("data/.tmp")  # Model Maker's HParams makes temp dirs at import time
 
 
@@ -33,6 +36,30 @@ def quiet_tensorflow() -> None:
     tempfile.tempdir = None  # re-read TMPDIR
     for category in (DeprecationWarning, FutureWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
+
+
+@contextlib.contextmanager
+def model_maker_folder(labels_file: Path, store: Path = IMAGE_STORE, scratch: Path = PRIVATE_TMP) -> Iterator[Path]:
+    """Model Maker's ``<dir>/images/*.jpg`` + ``<dir>/labels.json`` view of a split, for one block.
+
+    The split stage writes only label files (a cached output DVC can push and pull);
+    this builds the folder Model Maker insists on from symlinks into ``store`` in a
+    throwaway directory, and removes it afterwards.
+    """
+    coco = read_json(labels_file)
+    scratch.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=scratch, prefix=f"{labels_file.parent.name}."))
+    try:
+        (folder / "images").mkdir()
+        for image in coco["images"]:
+            source = store / image["file_name"]
+            if not source.is_file():
+                raise PipelineError(f"{source}: missing (listed in {labels_file}); run the images stage (dvc repro images)")
+            os.symlink(source.resolve(), folder / "images" / image["file_name"])
+        shutil.copyfile(labels_file, folder / "labels.json")
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def cache_record(side: str, cache_dir: Path = CACHE_DIR) -> dict[str, Any]:
