@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test lint bench lock demo
+.PHONY: setup repro test lint bench lock demo push pull release s3-local
 
 setup: $(STAMP)
 
@@ -41,3 +41,19 @@ lock:
 
 demo: $(STAMP)
 	$(BIN)/python -m trafficdet.demo
+
+# Share data and models through the DVC remote; the check names the remote and the fix
+# in one line when credentials or the endpoint are wrong.
+push: $(STAMP)
+	$(BIN)/python -m trafficdet.remote check && dvc push
+
+pull: $(STAMP)
+	$(BIN)/python -m trafficdet.remote check && dvc pull
+
+# make release VERSION=1.2.0: tag traffic-detector@v1.2.0 once dvc.lock matches and all is pushed.
+release: $(STAMP)
+	$(BIN)/python -m trafficdet.release $(VERSION)
+
+# A local S3 (SeaweedFS) on 127.0.0.1:8333 to try the remote workflow; Ctrl-C stops it.
+s3-local: $(STAMP)
+	$(BIN)/python -m trafficdet.object_store --dir .s3 --port 8333

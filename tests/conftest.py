@@ -1,17 +1,22 @@
-"""Shared test fixtures: the synthetic source tree, its loopback server, temp repo copies."""
+"""Shared test fixtures: the synthetic source tree, its loopback server, temp repo copies, the S3 store."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from trafficdet.fixture import download_params, generate
 from trafficdet.fixture_server import FixtureServer
+from trafficdet.object_store import ACCESS_KEY, SECRET_KEY, ObjectStore
 from trafficdet.repo_copy import copy_repo
 
 BIN = Path(sys.executable).parent
@@ -30,9 +35,12 @@ def server(fixture_tree: tuple[Path, dict[str, Any]]) -> FixtureServer:
         yield srv
 
 
-def stage_env() -> dict[str, str]:
+def stage_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("PYTHONPATH", None)
+    # The loopback object store's credentials, as a user would export theirs.
+    env.update({"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
+    env.update(extra)
     return env
 
 
@@ -50,8 +58,63 @@ def fixture_overrides(server: FixtureServer, manifest: dict[str, Any], **filter_
     }
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(cmd, cwd=cwd, env=stage_env(), capture_output=True, text=True)
+def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(cmd, cwd=cwd, env=stage_env(**env), capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+TINY_MODEL = {
+    "download": {"pretrained": "scratch"},
+    "train": {"init": "scratch", "epochs": 1, "batch_size": 4},
+    "export": {"latency_images": 2, "latency_repeats": 1, "representative_steps": 2},
+}
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def set_param(repo: Path, section: str, key: str, value: object) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@dataclass
+class PipelineRun:
+    """A repo after the tiny pipeline ran end to end, and what each `dvc repro` printed on the way."""
+
+    repo: Path
+    outputs: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory, fixture_tree) -> PipelineRun:
+    """The whole pipeline once on the tiny config, incrementally: data half, no-op, split change, model half.
+
+    Session-wide because a full run costs minutes: the pipeline test checks it, the
+    remote and experiment tests start from copies of it.
+    """
+    root, manifest = fixture_tree
+    outputs = {}
+    with FixtureServer(root) as server:
+        overrides = fixture_overrides(server, manifest)
+        for section, values in TINY_MODEL.items():
+            overrides.setdefault(section, {}).update(values)
+        repo = make_repo(tmp_path_factory.mktemp("pipeline") / "repo", overrides)
+        outputs["data"] = run(["dvc", "repro", "cache"], repo).stdout
+        outputs["data_again"] = run(["dvc", "repro", "cache"], repo).stdout
+        set_param(repo, "split", "seed", 43)
+        outputs["split_changed"] = run(["dvc", "repro", "cache"], repo).stdout
+        outputs["model"] = run(["dvc", "repro"], repo).stdout
+        outputs["model_again"] = run(["dvc", "repro"], repo).stdout
+    return PipelineRun(repo, outputs)
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectStore]:
+    """A real SeaweedFS S3 server on 127.0.0.1 with an empty data dir, for the whole session."""
+    with ObjectStore(tmp_path_factory.mktemp("s3")) as store:
+        yield store

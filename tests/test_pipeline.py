@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import fixture_overrides, make_repo, run
+from tests.conftest import TINY_MODEL, PipelineRun, fixture_overrides, make_repo, run, set_param, stages_run
 
+__all__ = ["TINY_MODEL", "detect", "set_param"]  # other test modules import these from here
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"]
-TINY_MODEL = {
-    "download": {"pretrained": "scratch"},
-    "train": {"init": "scratch", "epochs": 1, "batch_size": 4},
-    "export": {"latency_images": 2, "latency_repeats": 1, "representative_steps": 2},
-}
-
-
-def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '([^']+)'", output)
-
-
-def set_param(repo: Path, section: str, key: str, value: object) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params[section][key] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def tflite_labels(model: Path) -> list[str]:
@@ -47,16 +32,11 @@ def detect(model: Path, image: Path) -> list:
 
 
 @pytest.mark.slow
-def test_repro_end_to_end(tmp_path: Path, fixture_tree, server) -> None:
-    _, manifest = fixture_tree
-    overrides = fixture_overrides(server, manifest)
-    for section, values in TINY_MODEL.items():
-        overrides.setdefault(section, {}).update(values)
-    repo = make_repo(tmp_path / "repo", overrides)
+def test_repro_end_to_end(tiny_pipeline: PipelineRun) -> None:
+    repo, outputs = tiny_pipeline.repo, tiny_pipeline.outputs
 
     # Data half: through the cache, then incremental.
-    first = run(["dvc", "repro", "cache"], repo)
-    assert stages_run(first.stdout) == ["download", "filter", "images", "split", "cache"]
+    assert stages_run(outputs["data"]) == ["download", "filter", "images", "split", "cache"]
     train = json.loads((repo / "data/split/train/labels.json").read_text())
     assert [c["id"] for c in train["categories"]] == list(range(1, 10))
     assert (repo / "data/images" / train["images"][0]["file_name"]).is_file()
@@ -64,13 +44,11 @@ def test_repro_end_to_end(tmp_path: Path, fixture_tree, server) -> None:
     assert cache["size"] == len(train["images"])
     rejected = json.loads((repo / "data/images.json").read_text())["rejected"]
     assert len(rejected) == 1 and next(iter(rejected.values())).startswith("corrupt image")
-    assert stages_run(run(["dvc", "repro", "cache"], repo).stdout) == []
-    set_param(repo, "split", "seed", 43)
-    assert stages_run(run(["dvc", "repro", "cache"], repo).stdout) == ["split", "cache"]
+    assert stages_run(outputs["data_again"]) == []
+    assert stages_run(outputs["split_changed"]) == ["split", "cache"]
 
     # Model half.
-    full = run(["dvc", "repro"], repo)
-    assert stages_run(full.stdout) == ["train", "export", "evaluate"]
+    assert stages_run(outputs["model"]) == ["train", "export", "evaluate"]
     classes = yaml.safe_load((repo / "params.yaml").read_text())["filter"]["classes"]
     model = repo / "models/model.tflite"
     assert tflite_labels(model) == ["background", *classes]
@@ -102,10 +80,7 @@ def test_repro_end_to_end(tmp_path: Path, fixture_tree, server) -> None:
     assert "reports/train/plots/metrics/val/total_loss.tsv" in rendered["data"] and not rendered.get("errors")
     assert "reports/evaluate/plots/pr/tflite_car.json" in rendered["data"]
 
-    assert stages_run(run(["dvc", "repro"], repo).stdout) == []
-    set_param(repo, "export", "quantization", "float16")
-    assert stages_run(run(["dvc", "repro"], repo).stdout) == ["export", "evaluate"]
-    assert json.loads((repo / "reports/export.json").read_text())["quantization"] == "float16"
+    assert stages_run(outputs["model_again"]) == []  # a param change reruns only its stages: see test_remote
 
 
 def test_stage_error_is_one_line_without_traceback(tmp_path: Path, fixture_tree, server) -> None:
