@@ -1,0 +1,254 @@
+"""train.distribution_strategy: params checked before TensorFlow, mirrored over 2 CPU replicas, 2 workers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.train import plan_distribution, validate
+from tests.conftest import run, stage_env
+from tests.test_pipeline import set_param
+from tests.test_training import cached_repo, checkpoint_values, copy_of  # noqa: F401  (cached_repo is a fixture)
+from trafficdet.errors import PipelineError
+from trafficdet.repo_copy import ROOT
+
+TRAIN_SIZE = 32  # training images in the tiny cached repo
+
+
+def train_params(**changes: object) -> dict:
+    """The repository's train: section with ``changes``, as the stage would load it."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+    params.update({"init": "scratch", "epochs": 1, "batch_size": 4, **changes})
+    return params
+
+
+def tf_config(index: int, ports: list[int], chief: bool = False) -> str:
+    """TF_CONFIG for worker ``index`` of a cluster on 127.0.0.1 (or the chief task, with ``chief``)."""
+    hosts = [f"127.0.0.1:{port}" for port in ports]
+    if chief:
+        cluster = {"chief": hosts[:1], "worker": hosts[1:]}
+        task = {"type": "chief", "index": 0} if index == 0 else {"type": "worker", "index": index - 1}
+    else:
+        cluster, task = {"worker": hosts}, {"type": "worker", "index": index}
+    return json.dumps({"cluster": cluster, "task": task})
+
+
+@pytest.mark.parametrize(
+    ("changes", "env", "message"),
+    [
+        (
+            {"distribution_strategy": "tpu"},
+            None,
+            r"params\.yaml train\.distribution_strategy: 'tpu' is not one of off, one_device, mirrored",
+        ),
+        (
+            {"distribution_strategy": "mirrored", "cpu_replicas": 2, "batch_size": 3},
+            None,
+            r"params\.yaml train\.batch_size: 3 does not split evenly over 2 replicas \(mirrored\); it is the global batch, "
+            r"use a multiple of 2",
+        ),
+        (
+            {"distribution_strategy": "mirrored", "num_gpus": 4, "batch_size": 6},
+            None,
+            r"params\.yaml train\.batch_size: 6 does not split evenly over 4",
+        ),
+        (
+            {"cpu_replicas": 2},
+            None,
+            r"params\.yaml train\.cpu_replicas: 2 logical CPU devices only apply to distribution_strategy: mirrored",
+        ),
+        (
+            {"distribution_strategy": "mirrored", "cpu_replicas": 0},
+            None,
+            r"params\.yaml train\.cpu_replicas: must be a positive integer, got 0",
+        ),
+        (
+            {"distribution_strategy": "one_device", "num_gpus": 2},
+            None,
+            r"params\.yaml train\.num_gpus: one_device trains on one device",
+        ),
+        ({"num_gpus": -1}, None, r"params\.yaml train\.num_gpus: must be an integer >= 0, got -1"),
+        (
+            {"distribution_strategy": "multi_worker_mirrored"},
+            None,
+            r"params\.yaml train\.distribution_strategy: multi_worker_mirrored needs the TF_CONFIG environment variable "
+            r"on every worker, e\.g\. TF_CONFIG=",
+        ),
+        ({"distribution_strategy": "multi_worker_mirrored"}, "{'cluster': 1}", r"TF_CONFIG: not valid JSON"),
+        (
+            {"distribution_strategy": "multi_worker_mirrored"},
+            '{"cluster": {"worker": ["127.0.0.1:1"]}}',
+            r"TF_CONFIG: needs a 'cluster' and a 'task' object",
+        ),
+        (
+            {"distribution_strategy": "multi_worker_mirrored"},
+            tf_config(2, [1, 2]),
+            r"TF_CONFIG: task worker 2 is not in cluster\.worker \(2 hosts\)",
+        ),
+        (
+            {"distribution_strategy": "multi_worker_mirrored"},
+            json.dumps({"cluster": {"worker": ["127.0.0.1:1"], "ps": ["127.0.0.1:2"]}, "task": {"type": "worker", "index": 0}}),
+            r"TF_CONFIG: cluster has \['ps'\]; multi_worker_mirrored takes only 'chief' and 'worker' tasks",
+        ),
+        (
+            {"distribution_strategy": "multi_worker_mirrored", "batch_size": 6},
+            tf_config(0, [1, 2, 3, 4]),
+            r"params\.yaml train\.batch_size: 6 does not split evenly over 4 replicas \(4 workers\)",
+        ),
+    ],
+)
+def test_bad_distribution_params(monkeypatch: pytest.MonkeyPatch, changes: dict, env: str | None, message: str) -> None:
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    if env is not None:
+        monkeypatch.setenv("TF_CONFIG", env)
+    with pytest.raises(PipelineError) as err:
+        validate(train_params(**changes), TRAIN_SIZE)
+    assert re.match(message, str(err.value)), str(err.value)
+
+
+def test_who_is_the_chief(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Task chief if the cluster has one, else worker 0; replicas = workers x GPUs per worker (>= 1)."""
+    params = train_params(distribution_strategy="multi_worker_mirrored")
+    seen = []
+    for chief_task in (False, True):
+        for index in range(3):
+            monkeypatch.setenv("TF_CONFIG", tf_config(index, [1, 2, 3], chief=chief_task))
+            plan = plan_distribution(dict(params))
+            seen.append((plan.task, plan.chief, plan.workers, plan.replicas))
+    assert seen == [
+        ("worker 0", True, 3, 3),
+        ("worker 1", False, 3, 3),
+        ("worker 2", False, 3, 3),
+        ("chief 0", True, 3, 3),
+        ("worker 0", False, 3, 3),
+        ("worker 1", False, 3, 3),
+    ]
+    monkeypatch.setenv("TF_CONFIG", tf_config(0, [1, 2]))
+    assert plan_distribution(dict(params, num_gpus=4)).replicas == 8
+    monkeypatch.delenv("TF_CONFIG")
+    assert plan_distribution(train_params(distribution_strategy="mirrored", cpu_replicas=3)).replicas == 3
+    assert plan_distribution(train_params(distribution_strategy=False)).strategy == "off"  # YAML 1.1's unquoted off
+
+
+def test_missing_tf_config_is_one_line_before_tensorflow(tmp_path: Path) -> None:
+    """The stage's own exit: one error line, no traceback, TensorFlow never imported."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update(distribution_strategy="multi_worker_mirrored", batch_size=4)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "data/cache/train").mkdir(parents=True)
+    (tmp_path / "data/cache/train/cache.json").write_text(json.dumps({"size": TRAIN_SIZE}))
+    code = (
+        "import sys\nfrom stages.train import main\nfrom trafficdet.errors import run_stage\n"
+        "try:\n    run_stage(main)\nfinally:\n    print('tensorflow imported:', 'tensorflow' in sys.modules)"
+    )
+    env = {key: value for key, value in stage_env().items() if key != "TF_CONFIG"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        "error: params.yaml train.distribution_strategy: multi_worker_mirrored needs the TF_CONFIG environment variable "
+        'on every worker, e.g. TF_CONFIG=\'{"cluster": {"worker": ["host0:2222", "host1:2222"]}, '
+        '"task": {"type": "worker", "index": 0}}\' on worker 0 (the chief), index 1 on the other'
+    ]
+    assert "tensorflow imported: False" in result.stdout
+
+
+def assert_valid_training(repo: Path) -> dict:
+    """A float checkpoint with every tensor finite, and train.json's summary (returned)."""
+    import numpy as np
+
+    summary = json.loads((repo / "models/train/train.json").read_text())
+    assert (
+        summary["epochs"] == 1
+        and math.isfinite(summary["final"]["total_loss"])
+        and math.isfinite(summary["final"]["val_total_loss"])
+    )
+    weights = checkpoint_values(repo / "models/train/float_ckpt")
+    assert len(weights) > 100
+    assert all(
+        np.isfinite(value).all() for value in weights.values() if isinstance(value, np.ndarray) and value.dtype.kind == "f"
+    )
+    return summary
+
+
+@pytest.mark.slow
+def test_mirrored_over_two_cpu_replicas(cached_repo: Path, tmp_path: Path) -> None:  # noqa: F811
+    repo = copy_of(cached_repo, tmp_path / "repo")
+    set_param(repo, "train", "distribution_strategy", "mirrored")
+    set_param(repo, "train", "cpu_replicas", 2)
+    result = run(["dvc", "repro", "train"], repo)
+    assert "on 2 replicas (mirrored)" in result.stdout
+    summary = assert_valid_training(repo)
+    where = summary["distribution"]
+    assert where["class"] == "MirroredStrategy" and where["num_replicas_in_sync"] == 2
+    assert [device.rsplit("/", 1)[-1] for device in where["devices"]] == ["device:CPU:0", "device:CPU:1"]
+    assert summary["final"]["steps"] == TRAIN_SIZE // 4  # global batches of 4: 2 images per replica
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_two_workers_on_loopback(cached_repo: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Worker 0 (the chief) runs `dvc repro train`, worker 1 `python -m stages.train` in its own copy."""
+    repos = [copy_of(cached_repo, tmp_path / f"worker{index}") for index in range(2)]
+    for repo in repos:
+        set_param(repo, "train", "distribution_strategy", "multi_worker_mirrored")
+    ports = free_ports(2)
+    commands = [["dvc", "repro", "train"], [sys.executable, "-m", "stages.train"]]
+    workers = [
+        subprocess.Popen(
+            command,
+            cwd=repo,
+            env={**stage_env(), "TF_CONFIG": tf_config(index, ports)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for index, (repo, command) in enumerate(zip(repos, commands, strict=True))
+    ]
+    outputs = []
+    try:
+        for worker in workers:
+            outputs.append(worker.communicate(timeout=600))
+    finally:
+        for worker in workers:
+            if worker.poll() is None:  # a worker that waits for a dead peer waits forever
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+    for worker, (out, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, f"{worker.args} failed ({worker.returncode}):\n{out}\n{err}"
+
+    chief, other = repos
+    summary = assert_valid_training(chief)
+    where = summary["distribution"]
+    assert where["num_replicas_in_sync"] == 2 and where["workers"] == 2 and where["task"] == "worker 0" and where["chief"]
+    assert where["auto_shard"] == "DATA"  # the cache is one TFRecord file: shard by record, not by file
+    assert json.loads((chief / "models/train_state/state.json").read_text())["complete"]
+    assert (chief / "reports/train/metrics.json").is_file()
+    assert "is not the chief: its copy of the outputs was discarded" in outputs[1][0]
+    steps = [line for out, _ in outputs for line in out.splitlines() if line.startswith("train: 1 epochs")]
+    assert len(steps) == 2 and all(f"of {summary['final']['steps']} steps" in line for line in steps), steps
+    for path in ("models/train", "models/train_state", "reports/train"):
+        assert not (other / path).exists(), path
+    assert not list((other / "data/.tmp").glob("train-*")), "the worker's scratch copy should be gone"
