@@ -1,0 +1,85 @@
+"""Experiments on the tiny config: `dvc exp run -S`, a queued grid, and comparing them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PipelineRun, run, stages_run
+from tests.test_remote import commit_all
+
+AP_COLUMNS = ("keras.AP", "keras.AP50", "tflite.AP", "tflite.AP50")
+
+
+@pytest.fixture(scope="module")
+def exp_repo(tiny_pipeline: PipelineRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("experiments") / "repo"
+    shutil.copytree(tiny_pipeline.repo, repo, symlinks=True)
+    commit_all(repo, "baseline: tiny run")
+    return repo
+
+
+def wait_for_queue(repo: Path, timeout_s: float = 900) -> str:
+    """Poll `dvc queue status` until nothing is queued or running; return the last table."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], repo).stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            return status
+        time.sleep(2)
+    raise AssertionError(f"queue still busy after {timeout_s:.0f} s:\n{status}")
+
+
+def experiments(repo: Path) -> dict[str, dict]:
+    """`dvc exp show --json`: each experiment's train params and evaluate metrics, by name."""
+    shown = json.loads(run(["dvc", "exp", "show", "--json", "--no-fetch"], repo).stdout)
+    found = {}
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            data = experiment["revs"][0]["data"]
+            found[experiment["name"]] = {
+                "train": data["params"]["params.yaml"]["data"]["train"],
+                "metrics": data["metrics"]["reports/evaluate/metrics.json"]["data"],
+            }
+    return found
+
+
+@pytest.mark.slow
+def test_exp_run_queue_grid_show_and_diff(exp_repo: Path) -> None:
+    # The grid is queued from the committed baseline (epochs 1, learning rate 0.3), and
+    # its worker runs beside the workspace experiment: two cores, two trainings.
+    run(["dvc", "exp", "run", "--queue", "-S", "train.learning_rate=0.1,0.3"], exp_repo)
+    assert run(["dvc", "queue", "status"], exp_repo).stdout.count("Queued") == 2
+    run(["dvc", "queue", "start", "-j", "1"], exp_repo)
+    single = run(["dvc", "exp", "run", "-n", "epochs-2", "-S", "train.epochs=2"], exp_repo)
+    assert stages_run(single.stdout) == ["train", "export", "evaluate"]
+    assert json.loads((exp_repo / "models/train/train.json").read_text())["epochs"] == 2
+    status = wait_for_queue(exp_repo)
+    assert status.count("Success") == 2 and "Failed" not in status, status
+
+    found = experiments(exp_repo)
+    assert len(found) == 3 and found["epochs-2"]["train"]["epochs"] == 2, found.keys()
+    grid = {info["train"]["learning_rate"]: name for name, info in found.items() if name != "epochs-2"}
+    assert set(grid) == {0.1, 0.3} and all(found[name]["train"]["epochs"] == 1 for name in grid.values())
+    for name, info in found.items():
+        for model in ("keras", "tflite"):
+            for metric in ("AP", "AP50"):
+                assert -1 <= info["metrics"][model][metric] <= 1, (name, model, metric)  # -1: no such objects
+    header = run(["dvc", "exp", "show", "--csv", "--no-fetch"], exp_repo).stdout.splitlines()[0].split(",")
+    assert set(AP_COLUMNS) <= set(header)  # the table the user reads has the AP columns
+
+    low, high = grid[0.1], grid[0.3]
+    diff = json.loads(run(["dvc", "exp", "diff", low, high, "--all", "--json"], exp_repo).stdout)
+    rate = diff["params"]["params.yaml"]["train.learning_rate"]
+    assert (rate["old"], rate["new"]) == (0.1, 0.3)
+    assert set(AP_COLUMNS) <= set(diff["metrics"]["reports/evaluate/metrics.json"])
+
+    plots = json.loads(run(["dvc", "plots", "diff", low, high, "--json"], exp_repo).stdout)
+    assert not plots.get("errors"), plots.get("errors")
+    losses = plots["data"]["reports/train/plots/metrics/val/total_loss.tsv"]
+    assert {rev for entry in losses for rev in entry["revisions"]} == {low, high}
+    assert {point["rev"] for entry in losses for point in entry["content"]["data"]["values"]} == {low, high}
