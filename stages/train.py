@@ -129,7 +129,7 @@ def plan_distribution(params: dict[str, Any]) -> Distribution:
     return Distribution(strategy, 1)
 
 
-def validate(params: dict[str, Any], train_size: int) -> Distribution:
+def validate(params: dict[str, Any], train_size: int, val_size: int | None = None) -> Distribution:
     """Reject bad params before any TensorFlow work; return how training will be distributed."""
     require_architecture("train", params["architecture"])
     require_choice("train", params, "init", ["pretrained", "scratch"])
@@ -148,6 +148,11 @@ def validate(params: dict[str, Any], train_size: int) -> Distribution:
         raise PipelineError(
             f"params.yaml train.batch_size: {batch} does not split evenly over {plan.replicas} replicas ({where}); "
             f"it is the global batch, use a multiple of {plan.replicas}"
+        )
+    if plan.replicas > 1 and val_size is not None and val_size < batch:
+        raise PipelineError(
+            f"params.yaml train.batch_size: {batch} is larger than the validation set ({val_size} images); with "
+            f"{plan.replicas} replicas validation runs on whole batches only"
         )
     if (params.get("qat") or {}).get("enabled"):
         # Model Maker's quantization_aware_training() fails in this locked stack for every
@@ -180,6 +185,34 @@ def fingerprint(params: dict[str, Any]) -> str:
     """What a saved training state belongs to: the params and the exact cached data."""
     cached = [cache_record(side) for side in ("train", "val")]
     return hashlib.sha256(json.dumps([params, cached], sort_keys=True).encode()).hexdigest()
+
+
+def restored_epochs(backup_dir: Path) -> int:
+    """How many epochs Keras' BackupAndRestore will restore: the N of its last ``chief/ckpt-N`` (one per epoch)."""
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(str(backup_dir / "chief"))
+    return int(latest.rsplit("-", 1)[1]) if latest else 0
+
+
+def check_same_start(strategy: Any, epochs_done: int) -> None:
+    """Fail on every worker unless all of them resume after the same epoch.
+
+    Keras restores each worker from ``<backup>/chief``. A worker that cannot see the
+    chief's models/train_state starts over while the chief resumes, and their collective
+    ops no longer pair up: measured, TensorFlow aborts both with "Collective instance 1000
+    expected type 1 and data_type 9 but got type 0". This all-reduce runs first, so the
+    error says what to do.
+    """
+    import tensorflow as tf
+
+    total = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(float(epochs_done))), axis=None)
+    if float(total) != epochs_done * strategy.num_replicas_in_sync:
+        raise PipelineError(
+            f"{STATE_DIR}: this worker would resume after epoch {epochs_done}, another worker after a different one: "
+            f"every worker must see the chief's {STATE_DIR} (one repository on a shared folder), "
+            "or delete it on the chief to start over"
+        )
 
 
 def make_history_callback(live_dir: Path, history_file: Path, train_images: int):
@@ -356,6 +389,19 @@ def strategy_devices(strategy: Any) -> list[str]:
         return []
 
 
+def whole_batches(data: Any, batch_size: int) -> None:
+    """Cut a dataset to whole batches: a partial last batch can leave a replica with no images.
+
+    The global batch is split in order (7 images over 2 replicas of 16: 7 and 0), and
+    Model Maker's model fails on an empty batch ("Incompatible shapes: [32] vs.
+    [0,256,256,3]" in a BatchNormalization, measured with batch_size 32 and 7 images).
+    Training already runs whole batches only (steps = images // batch_size).
+    """
+    usable = len(data) - len(data) % batch_size
+    data._dataset = data._dataset.take(usable)
+    data._size = usable
+
+
 def shard_across_workers(datasets: list[Any], plan: Distribution, num_shards: int) -> str:
     """Set how tf.data splits each dataset between workers; return the policy's name.
 
@@ -380,7 +426,7 @@ def shard_across_workers(datasets: list[Any], plan: Distribution, num_shards: in
 def train(params: dict[str, Any]) -> dict[str, Any]:
     """Train (resuming if a matching state exists) and write models/train atomically (on the chief only)."""
     train_info = cache_record("train")
-    plan = validate(params, train_info["size"])
+    plan = validate(params, train_info["size"], cache_record("val")["size"])
     quiet_tensorflow()
     import tensorflow as tf
 
@@ -425,7 +471,12 @@ def run_training(params: dict[str, Any], plan: Distribution, strategy: Any, trai
         if (STATE_DIR / "history.json").exists():
             shutil.copy2(STATE_DIR / "history.json", state_dir / "history.json")
 
+    if plan.workers > 1:
+        check_same_start(strategy, restored_epochs(state_dir / "backup"))
+
     train_data, val_data = load_dataset("train"), load_dataset("val")
+    if strategy.num_replicas_in_sync > 1:
+        whole_batches(val_data, int(params["batch_size"]))
     auto_shard = shard_across_workers([train_data, val_data], plan, int(train_info["num_shards"]))
     labels = label_names(train_info)
     hparams = {
@@ -456,6 +507,7 @@ def run_training(params: dict[str, Any], plan: Distribution, strategy: Any, trai
             "l2_weight_decay": float(params["l2_weight_decay"]),
             "epochs": len(history.history),
             "train_images": train_info["size"],
+            "val_images": len(val_data),
             "seconds": round(time.perf_counter() - started, 1),
             "distribution": {
                 "strategy": plan.strategy,

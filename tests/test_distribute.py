@@ -22,7 +22,7 @@ from tests.test_training import cached_repo, checkpoint_values, copy_of  # noqa:
 from trafficdet.errors import PipelineError
 from trafficdet.repo_copy import ROOT
 
-TRAIN_SIZE = 32  # training images in the tiny cached repo
+TRAIN_SIZE, VAL_SIZE = 32, 7  # images in the tiny cached repo
 
 
 def train_params(**changes: object) -> dict:
@@ -77,6 +77,12 @@ def tf_config(index: int, ports: list[int], chief: bool = False) -> str:
             None,
             r"params\.yaml train\.num_gpus: one_device trains on one device",
         ),
+        (
+            {"distribution_strategy": "mirrored", "cpu_replicas": 2, "batch_size": 8},
+            None,
+            r"params\.yaml train\.batch_size: 8 is larger than the validation set \(7 images\); with 2 replicas validation runs "
+            r"on whole batches only",
+        ),
         ({"num_gpus": -1}, None, r"params\.yaml train\.num_gpus: must be an integer >= 0, got -1"),
         (
             {"distribution_strategy": "multi_worker_mirrored"},
@@ -112,7 +118,7 @@ def test_bad_distribution_params(monkeypatch: pytest.MonkeyPatch, changes: dict,
     if env is not None:
         monkeypatch.setenv("TF_CONFIG", env)
     with pytest.raises(PipelineError) as err:
-        validate(train_params(**changes), TRAIN_SIZE)
+        validate(train_params(**changes), TRAIN_SIZE, VAL_SIZE)
     assert re.match(message, str(err.value)), str(err.value)
 
 
@@ -145,8 +151,9 @@ def test_missing_tf_config_is_one_line_before_tensorflow(tmp_path: Path) -> None
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(distribution_strategy="multi_worker_mirrored", batch_size=4)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    (tmp_path / "data/cache/train").mkdir(parents=True)
-    (tmp_path / "data/cache/train/cache.json").write_text(json.dumps({"size": TRAIN_SIZE}))
+    for side, size in (("train", TRAIN_SIZE), ("val", VAL_SIZE)):
+        (tmp_path / f"data/cache/{side}").mkdir(parents=True)
+        (tmp_path / f"data/cache/{side}/cache.json").write_text(json.dumps({"size": size}))
     code = (
         "import sys\nfrom stages.train import main\nfrom trafficdet.errors import run_stage\n"
         "try:\n    run_stage(main)\nfinally:\n    print('tensorflow imported:', 'tensorflow' in sys.modules)"
@@ -195,6 +202,7 @@ def test_mirrored_over_two_cpu_replicas(cached_repo: Path, tmp_path: Path) -> No
     assert where["class"] == "MirroredStrategy" and where["num_replicas_in_sync"] == 2
     assert [device.rsplit("/", 1)[-1] for device in where["devices"]] == ["device:CPU:0", "device:CPU:1"]
     assert summary["final"]["steps"] == TRAIN_SIZE // 4  # global batches of 4: 2 images per replica
+    assert summary["val_images"] == 4  # whole batches only: a partial one could leave a replica empty
 
 
 def free_ports(count: int) -> list[int]:
@@ -207,14 +215,9 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-@pytest.mark.slow
-def test_two_workers_on_loopback(cached_repo: Path, tmp_path: Path) -> None:  # noqa: F811
-    """Worker 0 (the chief) runs `dvc repro train`, worker 1 `python -m stages.train` in its own copy."""
-    repos = [copy_of(cached_repo, tmp_path / f"worker{index}") for index in range(2)]
-    for repo in repos:
-        set_param(repo, "train", "distribution_strategy", "multi_worker_mirrored")
-    ports = free_ports(2)
-    commands = [["dvc", "repro", "train"], [sys.executable, "-m", "stages.train"]]
+def launch_workers(repos: list[Path], commands: list[list[str]]) -> list[tuple[int, str, str]]:
+    """Start one process per worker of a cluster on 127.0.0.1; (exit code, stdout, stderr) of each."""
+    ports = free_ports(len(repos))
     workers = [
         subprocess.Popen(
             command,
@@ -236,8 +239,18 @@ def test_two_workers_on_loopback(cached_repo: Path, tmp_path: Path) -> None:  # 
             if worker.poll() is None:  # a worker that waits for a dead peer waits forever
                 os.killpg(worker.pid, signal.SIGKILL)
                 worker.wait()
-    for worker, (out, err) in zip(workers, outputs, strict=True):
-        assert worker.returncode == 0, f"{worker.args} failed ({worker.returncode}):\n{out}\n{err}"
+    return [(worker.returncode, out, err) for worker, (out, err) in zip(workers, outputs, strict=True)]
+
+
+@pytest.mark.slow
+def test_two_workers_on_loopback(cached_repo: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Worker 0 (the chief) runs `dvc repro train`, worker 1 `python -m stages.train` in its own copy."""
+    repos = [copy_of(cached_repo, tmp_path / f"worker{index}") for index in range(2)]
+    for repo in repos:
+        set_param(repo, "train", "distribution_strategy", "multi_worker_mirrored")
+    results = launch_workers(repos, [["dvc", "repro", "train"], [sys.executable, "-m", "stages.train"]])
+    for index, (code, out, err) in enumerate(results):
+        assert code == 0, f"worker {index} failed ({code}):\n{out}\n{err}"
 
     chief, other = repos
     summary = assert_valid_training(chief)
@@ -246,9 +259,43 @@ def test_two_workers_on_loopback(cached_repo: Path, tmp_path: Path) -> None:  # 
     assert where["auto_shard"] == "DATA"  # the cache is one TFRecord file: shard by record, not by file
     assert json.loads((chief / "models/train_state/state.json").read_text())["complete"]
     assert (chief / "reports/train/metrics.json").is_file()
-    assert "is not the chief: its copy of the outputs was discarded" in outputs[1][0]
-    steps = [line for out, _ in outputs for line in out.splitlines() if line.startswith("train: 1 epochs")]
+    assert "is not the chief: its copy of the outputs was discarded" in results[1][1]
+    steps = [line for _, out, _ in results for line in out.splitlines() if line.startswith("train: 1 epochs")]
     assert len(steps) == 2 and all(f"of {summary['final']['steps']} steps" in line for line in steps), steps
     for path in ("models/train", "models/train_state", "reports/train"):
         assert not (other / path).exists(), path
     assert not list((other / "data/.tmp").glob("train-*")), "the worker's scratch copy should be gone"
+
+
+@pytest.mark.slow
+def test_workers_that_would_resume_differently_stop_with_one_line(
+    cached_repo: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The chief has a backup after epoch 1, the other worker (own copy) none: both stop before training, clearly."""
+    from stages.train import fingerprint
+    from trafficdet.params import load_section
+
+    repos = [copy_of(cached_repo, tmp_path / f"worker{index}") for index in range(2)]
+    for repo in repos:
+        set_param(repo, "train", "distribution_strategy", "multi_worker_mirrored")
+        set_param(repo, "train", "epochs", 2)
+    chief = repos[0]
+    monkeypatch.chdir(chief)
+    state = {"fingerprint": fingerprint(load_section("train")), "complete": False}
+    (chief / "models/train_state/backup/chief").mkdir(parents=True)
+    (chief / "models/train_state/state.json").write_text(json.dumps(state))
+    (chief / "models/train_state/backup/chief/checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')
+    (chief / "models/train_state/backup/chief/ckpt-1.index").write_bytes(b"")  # only its name is read before the check
+
+    results = launch_workers(repos, [[sys.executable, "-m", "stages.train"]] * 2)
+    for index, (code, out, err) in enumerate(results):
+        assert code == 1 and "Traceback" not in err, f"worker {index}:\n{out}\n{err}"
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert errors == [
+            f"error: models/train_state: this worker would resume after epoch {1 - index}, another worker after a different "
+            "one: every worker must see the chief's models/train_state (one repository on a shared folder), or delete it on "
+            "the chief to start over"
+        ]
+    assert not (chief / "models/train").exists()
