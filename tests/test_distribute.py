@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,22 @@ def tf_config(index: int, ports: list[int], chief: bool = False) -> str:
             r"params\.yaml train\.batch_size: 6 does not split evenly over 4 replicas \(4 workers\)",
         ),
     ],
+    ids=[
+        "unknown-strategy",
+        "batch-vs-cpu-replicas",
+        "batch-vs-gpus",
+        "cpu-replicas-without-mirrored",
+        "cpu-replicas-zero",
+        "one-device-several-gpus",
+        "val-smaller-than-batch",
+        "negative-gpus",
+        "no-tf-config",
+        "tf-config-not-json",
+        "tf-config-no-task",
+        "tf-config-index-out-of-range",
+        "tf-config-ps-task",
+        "batch-vs-workers",
+    ],
 )
 def test_bad_distribution_params(monkeypatch: pytest.MonkeyPatch, changes: dict, env: str | None, message: str) -> None:
     monkeypatch.delenv("TF_CONFIG", raising=False)
@@ -190,8 +207,76 @@ def assert_valid_training(repo: Path) -> dict:
     return summary
 
 
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def start_workers(repos: list[Path], commands: list[list[str]]) -> list[subprocess.Popen]:
+    """One process per worker of a cluster on 127.0.0.1, worker ``i`` in ``repos[i]``."""
+    ports = free_ports(len(repos))
+    return [
+        subprocess.Popen(
+            command,
+            cwd=repo,
+            env={**stage_env(), "TF_CONFIG": tf_config(index, ports)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for index, (repo, command) in enumerate(zip(repos, commands, strict=True))
+    ]
+
+
+def finish_workers(workers: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of each worker; any still running after 10 minutes is killed."""
+    outputs = []
+    try:
+        for worker in workers:
+            outputs.append(worker.communicate(timeout=600))
+    finally:
+        for worker in workers:
+            if worker.poll() is None:  # a worker that waits for a dead peer waits forever
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+    return [(worker.returncode, out, err) for worker, (out, err) in zip(workers, outputs, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def two_workers(
+    cached_repo: Path,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[list[Path], list[subprocess.Popen]]]:
+    """A multi_worker_mirrored run of 2 workers on 127.0.0.1, each in its own copy, started in the background.
+
+    Tracing the model is single-threaded Python for most of a run, so on a 2-core machine
+    the mirrored test runs beside it (measured: 5 minutes one after the other).
+    Worker 0 (the chief) runs `dvc repro train`, worker 1 `python -m stages.train`.
+    """
+    root = tmp_path_factory.mktemp("cluster")
+    repos = [copy_of(cached_repo, root / f"worker{index}") for index in range(2)]
+    for repo in repos:
+        set_param(repo, "train", "distribution_strategy", "multi_worker_mirrored")
+    workers = start_workers(repos, [["dvc", "repro", "train"], [sys.executable, "-m", "stages.train"]])
+    yield repos, workers
+    for worker in workers:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+
+
 @pytest.mark.slow
-def test_mirrored_over_two_cpu_replicas(cached_repo: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_mirrored_over_two_cpu_replicas(
+    cached_repo: Path,  # noqa: F811
+    two_workers: tuple[list[Path], list[subprocess.Popen]],  # started first: they train while this test does
+    tmp_path: Path,
+) -> None:
     repo = copy_of(cached_repo, tmp_path / "repo")
     set_param(repo, "train", "distribution_strategy", "mirrored")
     set_param(repo, "train", "cpu_replicas", 2)
@@ -205,50 +290,11 @@ def test_mirrored_over_two_cpu_replicas(cached_repo: Path, tmp_path: Path) -> No
     assert summary["val_images"] == 4  # whole batches only: a partial one could leave a replica empty
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
-def launch_workers(repos: list[Path], commands: list[list[str]]) -> list[tuple[int, str, str]]:
-    """Start one process per worker of a cluster on 127.0.0.1; (exit code, stdout, stderr) of each."""
-    ports = free_ports(len(repos))
-    workers = [
-        subprocess.Popen(
-            command,
-            cwd=repo,
-            env={**stage_env(), "TF_CONFIG": tf_config(index, ports)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        for index, (repo, command) in enumerate(zip(repos, commands, strict=True))
-    ]
-    outputs = []
-    try:
-        for worker in workers:
-            outputs.append(worker.communicate(timeout=600))
-    finally:
-        for worker in workers:
-            if worker.poll() is None:  # a worker that waits for a dead peer waits forever
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
-    return [(worker.returncode, out, err) for worker, (out, err) in zip(workers, outputs, strict=True)]
-
-
 @pytest.mark.slow
-def test_two_workers_on_loopback(cached_repo: Path, tmp_path: Path) -> None:  # noqa: F811
-    """Worker 0 (the chief) runs `dvc repro train`, worker 1 `python -m stages.train` in its own copy."""
-    repos = [copy_of(cached_repo, tmp_path / f"worker{index}") for index in range(2)]
-    for repo in repos:
-        set_param(repo, "train", "distribution_strategy", "multi_worker_mirrored")
-    results = launch_workers(repos, [["dvc", "repro", "train"], [sys.executable, "-m", "stages.train"]])
+def test_two_workers_on_loopback(two_workers: tuple[list[Path], list[subprocess.Popen]]) -> None:
+    """Both workers finish; only the chief wrote the stage's outputs, and they are valid."""
+    repos, workers = two_workers
+    results = finish_workers(workers)
     for index, (code, out, err) in enumerate(results):
         assert code == 0, f"worker {index} failed ({code}):\n{out}\n{err}"
 
@@ -289,7 +335,7 @@ def test_workers_that_would_resume_differently_stop_with_one_line(
     (chief / "models/train_state/backup/chief/checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')
     (chief / "models/train_state/backup/chief/ckpt-1.index").write_bytes(b"")  # only its name is read before the check
 
-    results = launch_workers(repos, [[sys.executable, "-m", "stages.train"]] * 2)
+    results = finish_workers(start_workers(repos, [[sys.executable, "-m", "stages.train"]] * 2))
     for index, (code, out, err) in enumerate(results):
         assert code == 1 and "Traceback" not in err, f"worker {index}:\n{out}\n{err}"
         errors = [line for line in err.splitlines() if line.startswith("error:")]
