@@ -256,7 +256,8 @@ def two_workers(
     """A multi_worker_mirrored run of 2 workers on 127.0.0.1, each in its own copy, started in the background.
 
     Tracing the model is single-threaded Python for most of a run, so on a 2-core machine
-    the mirrored test runs beside it (measured: 5 minutes one after the other).
+    the mirrored test runs beside it: measured 187 s for both, against 158 s + 130 s one
+    after the other.
     Worker 0 (the chief) runs `dvc repro train`, worker 1 `python -m stages.train`.
     """
     root = tmp_path_factory.mktemp("cluster")
