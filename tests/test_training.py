@@ -15,22 +15,22 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import fixture_overrides, make_repo, run, stage_env
-from tests.test_pipeline import TINY_MODEL, detect, set_param
+from tests.conftest import PipelineRun, run, stage_env
+from tests.test_pipeline import detect, set_param
 
 
 @pytest.fixture(scope="module")
-def cached_repo(tmp_path_factory: pytest.TempPathFactory, fixture_tree) -> Path:
-    """A repo whose data stages have run once; tests work on copies of it."""
-    from trafficdet.fixture_server import FixtureServer
-
-    _, manifest = fixture_tree
-    with FixtureServer(fixture_tree[0]) as server:
-        overrides = fixture_overrides(server, manifest)
-        for section, values in TINY_MODEL.items():
-            overrides.setdefault(section, {}).update(values)
-        repo = make_repo(tmp_path_factory.mktemp("cached") / "repo", overrides)
-        run(["dvc", "repro", "cache"], repo)
+def cached_repo(tiny_pipeline: PipelineRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repo whose data stages have run once (the session's tiny run, model half removed); tests work on copies."""
+    repo = copy_of(tiny_pipeline.repo, tmp_path_factory.mktemp("cached") / "repo")
+    for output in ("models/train", "models/train_state", "reports/train", "reports/evaluate", ".dvc/cache/runs"):
+        shutil.rmtree(repo / output, ignore_errors=True)
+    for output in ("models/model.tflite", "models/metadata.json", "models/labels.txt", "reports/export.json"):
+        (repo / output).unlink(missing_ok=True)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    for stage in ("train", "export", "evaluate"):
+        del lock["stages"][stage]
+    (repo / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
     return repo
 
 
