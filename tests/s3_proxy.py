@@ -67,38 +67,42 @@ class CountingProxy:
             threading.Thread(target=self._pump_up, args=(client, upstream), daemon=True).start()
             threading.Thread(target=self._pump_down, args=(upstream, client), daemon=True).start()
 
-    def _pump_up(self, client: socket.socket, upstream: socket.socket) -> None:
-        carry = b""
+    def _relay(self, source: socket.socket, dest: socket.socket, observe: Callable[[bytes], None]) -> None:
+        """Copy ``source`` to ``dest``, showing each chunk to ``observe`` first; close both at the end."""
         try:
-            while chunk := client.recv(65536):
-                data = carry + chunk
-                end = 0
-                for match in REQUEST_LINE.finditer(data):
-                    method, path = match.group(1).decode(), match.group(2).decode()
-                    end = match.end()
-                    with self._lock:
-                        self.requests.append((method, path))
-                    if self.on_request:
-                        self.on_request(method, path)
-                carry = data[max(end, len(data) - TAIL) :]
-                upstream.sendall(chunk)
+            while chunk := source.recv(65536):
+                observe(chunk)
+                dest.sendall(chunk)
         except OSError:
             pass
         finally:
-            for sock in (client, upstream):
+            for sock in (source, dest):
                 _shutdown(sock)
 
-    def _pump_down(self, upstream: socket.socket, client: socket.socket) -> None:
-        try:
-            while chunk := upstream.recv(65536):
+    def _pump_up(self, client: socket.socket, upstream: socket.socket) -> None:
+        carry = b""
+
+        def record_requests(chunk: bytes) -> None:
+            nonlocal carry
+            data = carry + chunk
+            end = 0
+            for match in REQUEST_LINE.finditer(data):
+                method, path = match.group(1).decode(), match.group(2).decode()
+                end = match.end()
                 with self._lock:
-                    self.bytes_down += len(chunk)
-                client.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            for sock in (client, upstream):
-                _shutdown(sock)
+                    self.requests.append((method, path))
+                if self.on_request:
+                    self.on_request(method, path)
+            carry = data[max(end, len(data) - TAIL) :]
+
+        self._relay(client, upstream, record_requests)
+
+    def _pump_down(self, upstream: socket.socket, client: socket.socket) -> None:
+        def count_bytes(chunk: bytes) -> None:
+            with self._lock:
+                self.bytes_down += len(chunk)
+
+        self._relay(upstream, client, count_bytes)
 
 
 def _shutdown(sock: socket.socket) -> None:
