@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PipelineRun, run, stages_run
-from tests.test_remote import commit_all
+from trafficdet.repo_copy import commit_all
 
 AP_COLUMNS = ("keras.AP", "keras.AP50", "tflite.AP", "tflite.AP50")
 

@@ -20,6 +20,7 @@ import yaml
 from tests.conftest import PipelineRun, run, set_param, stages_run
 from tests.s3_proxy import CountingProxy
 from trafficdet.object_store import ObjectStore
+from trafficdet.repo_copy import commit_all
 
 OUTPUT_ROOTS = ("data", "models")
 _prefixes = itertools.count()
@@ -56,12 +57,6 @@ def add_remote(repo: Path, store: ObjectStore, name: str = "storage", endpoint: 
     run(["dvc", "remote", "add", *scope, "-f", *([] if local else ["-d"]), name, url], repo)
     run(["dvc", "remote", "modify", *scope, name, "endpointurl", endpoint or store.endpoint], repo)
     return url
-
-
-def commit_all(repo: Path, message: str) -> None:
-    git = ["git", "-c", "user.name=trafficdet", "-c", "user.email=trafficdet@localhost"]
-    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-qm", message], cwd=repo, check=True)
 
 
 def fresh_clone(repo: Path, dest: Path, rev: str | None = None) -> Path:

@@ -29,8 +29,13 @@ def copy_repo(dest: Path, overrides: dict[str, dict[str, Any]] | None = None) ->
         for section, values in overrides.items():
             params[section].update(values)
         (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=trafficdet", "-c", "user.email=trafficdet@localhost"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy of the traffic-detector repo"], cwd=dest, check=True)
+    commit_all(dest, "copy of the traffic-detector repo")
     return dest
+
+
+def commit_all(repo: Path, message: str) -> None:
+    """``git add -A`` and commit, with a fixed identity (temp repos have no user config)."""
+    git = ["git", "-c", "user.name=trafficdet", "-c", "user.email=trafficdet@localhost"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", message], cwd=repo, check=True)
