@@ -1,59 +1,69 @@
-# `make repro` runs the pipeline, `make test` the tests; both set up .venv first.
+# `make repro` runs the pipeline, `make test` the tests; both set up .venv first. `make` lists every target.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test lint bench lock demo push pull release s3-local
+.DEFAULT_GOAL := help
+.PHONY: help setup repro test lint bench demo compare push pull release s3-local lock
 
-setup: $(STAMP)
+help:  ## list the targets
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## create .venv from requirements.lock (what the pipeline needs)
 
 $(STAMP): requirements.lock
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found. TensorFlow 2.15 needs Python 3.11 (it has no 3.12 build): install Python 3.11 (e.g. 'pyenv install 3.11') or run 'make PYTHON=/path/to/python3.11 ...'" >&2; exit 1; }
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { echo "error: $(PYTHON) is Python $$($(PYTHON) -c 'import platform; print(platform.python_version())'), not 3.11: TensorFlow 2.15 has no build for it" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PIP) -r requirements.lock
 	touch $@
 
-repro: $(STAMP)
+$(DEV_STAMP): $(STAMP) requirements-dev.lock
+	$(PIP) -r requirements.lock -r requirements-dev.lock
+	touch $@
+
+repro: $(STAMP)  ## run the pipeline (dvc repro): COCO 2017 + cocoTraffic -> models/model.tflite
 	dvc repro
 
-test: $(STAMP)
+test: $(DEV_STAMP)  ## run the test suite, offline (fixture and S3 store on 127.0.0.1)
 	$(BIN)/python -m pytest
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)  ## ruff check and format check
 	ruff check . && ruff format --check .
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)  ## run bench/ (results in bench/out/, figures in BENCHMARKS.md)
 	$(BIN)/python bench/bench_filter.py
 	$(BIN)/python bench/bench_images.py
 	$(BIN)/python bench/bench_evaluate.py
-	$(BIN)/python bench/bench_tflite.py  # needs a trained model: make demo first
+	$(BIN)/python bench/bench_tflite.py
 
-# Re-resolve requirements.in into requirements.lock in a throwaway venv.
-lock:
+demo: $(STAMP)  ## the whole pipeline offline on synthetic street scenes (about 10 min)
+	$(BIN)/python -m testkit.demo
+
+compare: $(STAMP)  ## dvc exp show: experiments, changed params, headline metrics
+	dvc exp show --only-changed
+
+push: $(STAMP)  ## check the DVC remote, then dvc push
+	$(BIN)/python -m ops.remote check && dvc push
+
+pull: $(STAMP)  ## check the DVC remote, then dvc pull
+	$(BIN)/python -m ops.remote check && dvc pull
+
+release: $(STAMP)  ## make release VERSION=1.2.0: tag traffic-detector@v1.2.0 once all is committed and pushed
+	$(BIN)/python -m ops.release $(VERSION)
+
+s3-local: $(DEV_STAMP)  ## a local S3 (SeaweedFS) on 127.0.0.1:8333 to try the remote workflow
+	$(BIN)/python -m testkit.object_store --dir .s3 --port 8333
+
+lock:  ## re-resolve requirements*.in into requirements*.lock in a throwaway venv
 	rm -rf /tmp/lock-venv && $(PYTHON) -m venv /tmp/lock-venv
 	/tmp/lock-venv/bin/pip install -q -r requirements.in
 	/tmp/lock-venv/bin/pip freeze --exclude-editable > requirements.lock
-
-demo: $(STAMP)
-	$(BIN)/python -m trafficdet.demo
-
-# Share data and models through the DVC remote; the check names the remote and the fix
-# in one line when credentials or the endpoint are wrong.
-push: $(STAMP)
-	$(BIN)/python -m trafficdet.remote check && dvc push
-
-pull: $(STAMP)
-	$(BIN)/python -m trafficdet.remote check && dvc pull
-
-# make release VERSION=1.2.0: tag traffic-detector@v1.2.0 once dvc.lock matches and all is pushed.
-release: $(STAMP)
-	$(BIN)/python -m trafficdet.release $(VERSION)
-
-# A local S3 (SeaweedFS) on 127.0.0.1:8333 to try the remote workflow; Ctrl-C stops it.
-s3-local: $(STAMP)
-	$(BIN)/python -m trafficdet.object_store --dir .s3 --port 8333
+	/tmp/lock-venv/bin/pip install -q -r requirements-dev.in
+	/tmp/lock-venv/bin/pip freeze --exclude-editable | grep -vxF -f requirements.lock > requirements-dev.lock
