@@ -158,12 +158,13 @@ COCO(sys.argv[1])
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 FILTER = """
-import json, resource, sys, time, yaml
+import json, resource, sys, time
 from pathlib import Path
 t = time.perf_counter()
 from stages.filter import filter_dataset
 from trafficdet.io import write_json
-params = yaml.safe_load(open("params.yaml"))["filter"]
+from trafficdet.params import FilterParams, load
+params = load(FilterParams)
 coco, label_map, report = filter_dataset([Path(sys.argv[1])], [Path(sys.argv[2])], params)
 out = Path(sys.argv[3])
 write_json(out / "labels.json", coco); write_json(out / "label_map.json", label_map); write_json(out / "report.json", report)

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stages.images import fetch_per_image  # noqa: E402
+from testkit.fixture import generate, image_records  # noqa: E402
 from trafficdet.fetch import RetryPolicy  # noqa: E402
-from trafficdet.fixture import generate, image_records  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-m",
-                "trafficdet.fixture_server",
+                "testkit.fixture_server",
                 str(root),
                 "--latency-ms",
                 str(args.latency_ms),

@@ -1,6 +1,6 @@
 """Tag a release: a git tag whose dvc.lock pins every input and output, all on the remote.
 
-    python -m trafficdet.release 1.2.0        # or: make release VERSION=1.2.0
+    python -m ops.release 1.2.0        # or: make release VERSION=1.2.0
 
 Refuses unless the work tree is committed, `dvc status` finds nothing to reproduce (so
 dvc.lock describes exactly what is in the workspace) and `dvc status --cloud` finds

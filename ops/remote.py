@@ -5,7 +5,7 @@ An error occurred (403) when calling the HeadObject operation", then "N files fa
 upload"; an unreachable endpoint retries for ~10 s first. ``make push`` / ``make pull``
 run this check first, so the user reads which remote, which endpoint and what to fix:
 
-    python -m trafficdet.remote check [-r REMOTE]
+    python -m ops.remote check [-r REMOTE]
 """
 
 from __future__ import annotations

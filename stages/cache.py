@@ -11,13 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from trafficdet.errors import PipelineError, run_stage
-from trafficdet.io import atomic_dir, read_json, write_json
-from trafficdet.modelmaker import IMAGE_STORE, model_maker_folder, quiet_tensorflow
-
-SPLIT_DIR = Path("data/split")
-CACHE_DIR = Path("data/cache")
-REPORT = Path("reports/cache.json")
-SIDES = ("train", "val")
+from trafficdet.io import atomic_dir, read_json, remove_stale_temps, write_json
+from trafficdet.modelmaker import model_maker_folder, quiet_tensorflow
+from trafficdet.paths import CACHE_REPORT, IMAGE_STORE, SIDES, SPLIT, cache_dir, split_labels
 
 
 def build_cache(split_dir: Path, cache_dir: Path, store: Path = IMAGE_STORE) -> dict[str, Any]:
@@ -47,12 +43,15 @@ def build_cache(split_dir: Path, cache_dir: Path, store: Path = IMAGE_STORE) -> 
 
 
 def main() -> None:
+    remove_stale_temps(*(cache_dir(side) for side in SIDES), CACHE_REPORT)
     for side in SIDES:
-        if not (SPLIT_DIR / side / "labels.json").exists():
-            raise PipelineError(f"{SPLIT_DIR / side}: missing; run the split stage first")
-    report = {side: build_cache(SPLIT_DIR / side, CACHE_DIR / side) for side in SIDES}
+        if not split_labels(side).exists():
+            raise PipelineError(f"{split_labels(side)}: missing; run the split stage first")
+    report = {side: build_cache(SPLIT / side, cache_dir(side)) for side in SIDES}
     write_json(
-        REPORT, {side: {"images": record["size"], "shards": record["num_shards"]} for side, record in report.items()}, indent=True
+        CACHE_REPORT,
+        {side: {"images": record["size"], "shards": record["num_shards"]} for side, record in report.items()},
+        indent=True,
     )
     print("cache: " + ", ".join(f"{side} {record['size']} images" for side, record in report.items()))
 

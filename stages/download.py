@@ -15,14 +15,12 @@ from typing import Any
 from trafficdet.architectures import ARCHITECTURES
 from trafficdet.archive import extract_tar, extract_zip
 from trafficdet.errors import PipelineError, run_stage
-from trafficdet.fetch import DOWNLOADS_DIR, RetryPolicy, fetch, file_digest, rewrite_mirror
-from trafficdet.io import atomic_dir, write_json
-from trafficdet.params import load_section, require_choice
+from trafficdet.fetch import RetryPolicy, fetch, file_digest, rewrite_mirror
+from trafficdet.io import atomic_dir, remove_stale_temps, write_json
+from trafficdet.params import DownloadParams, load
+from trafficdet.paths import DOWNLOADS, PRETRAINED, RAW_ANNOTATIONS, RAW_RELABEL
 from trafficdet.sources import import_coco_folder, import_voc_folder
 
-ANNOTATIONS_DIR = Path("data/raw/annotations")
-RELABEL_DIR = Path("data/raw/relabel")
-PRETRAINED_DIR = Path("models/pretrained")
 COCO_INSTANCE_FILES = ("instances_train2017.json", "instances_val2017.json")
 CHECKPOINT_HINT = (
     "the Model Maker checkpoint bucket has answered 403 AccessDenied since early 2026: set "
@@ -34,9 +32,9 @@ def _source_record(url: str, path: Path) -> dict[str, Any]:
     return {"url": url, "file": path.name, "bytes": path.stat().st_size, "sha256": file_digest(path)}
 
 
-def download_annotations(url: str, checksum: str, policy: RetryPolicy, out: Path = ANNOTATIONS_DIR) -> None:
+def download_annotations(url: str, checksum: str, policy: RetryPolicy, out: Path = RAW_ANNOTATIONS) -> None:
     """Fetch COCO's annotations zip and keep only the two instances files."""
-    archive = fetch(url, DOWNLOADS_DIR / Path(url).name, checksum=checksum, policy=policy)
+    archive = fetch(url, DOWNLOADS / Path(url).name, checksum=checksum, policy=policy)
 
     def keep_instances(name: str) -> str | None:
         base = Path(name).name
@@ -53,7 +51,7 @@ def download_annotations(url: str, checksum: str, policy: RetryPolicy, out: Path
         write_json(tmp / "manifest.json", {"source": "coco2017", "downloads": [_source_record(url, archive)]}, indent=True)
 
 
-def import_own_dataset(source: str, root: Path, out: Path = ANNOTATIONS_DIR) -> None:
+def import_own_dataset(source: str, root: Path, out: Path = RAW_ANNOTATIONS) -> None:
     """Read a local COCO or VOC folder into ``instances_own.json``."""
     data = import_coco_folder(root) if source == "coco_folder" else import_voc_folder(root)
     with atomic_dir(out) as tmp:
@@ -61,13 +59,13 @@ def import_own_dataset(source: str, root: Path, out: Path = ANNOTATIONS_DIR) -> 
         write_json(tmp / "manifest.json", {"source": source, "path": str(root)}, indent=True)
 
 
-def download_relabel(url: str, checksum: str, policy: RetryPolicy, out: Path = RELABEL_DIR) -> None:
+def download_relabel(url: str, checksum: str, policy: RetryPolicy, out: Path = RAW_RELABEL) -> None:
     """Fetch the cocoTraffic annotation zip and keep its JSON files (flattened)."""
     with atomic_dir(out) as tmp:
         if not url:
             write_json(tmp / "manifest.json", {"enabled": False}, indent=True)
             return
-        archive = fetch(url, DOWNLOADS_DIR / "02_coco_traffic.zip", checksum=checksum, policy=policy)
+        archive = fetch(url, DOWNLOADS / "02_coco_traffic.zip", checksum=checksum, policy=policy)
 
         def json_only(name: str) -> str | None:
             base = Path(name).name
@@ -86,7 +84,7 @@ def download_relabel(url: str, checksum: str, policy: RetryPolicy, out: Path = R
         )
 
 
-def download_checkpoint(pretrained: str, url: str, checksum: str, policy: RetryPolicy, out: Path = PRETRAINED_DIR) -> None:
+def download_checkpoint(pretrained: str, url: str, checksum: str, policy: RetryPolicy, out: Path = PRETRAINED) -> None:
     """Fetch and unpack the architecture's checkpoint as ``out/<architecture>/``.
 
     Model Maker unpacks the same tarball by copying its single root folder; we keep
@@ -97,7 +95,7 @@ def download_checkpoint(pretrained: str, url: str, checksum: str, policy: RetryP
             write_json(tmp / "manifest.json", {"pretrained": "scratch"}, indent=True)
             return
         url = url or ARCHITECTURES[pretrained].checkpoint_url
-        tarball = fetch(url, DOWNLOADS_DIR / Path(url).name, checksum=checksum, policy=policy, hint=CHECKPOINT_HINT)
+        tarball = fetch(url, DOWNLOADS / Path(url).name, checksum=checksum, policy=policy, hint=CHECKPOINT_HINT)
         extract_tar(tarball, tmp / "unpacked")
         roots = list((tmp / "unpacked").iterdir())
         if len(roots) != 1 or not roots[0].is_dir():
@@ -112,17 +110,16 @@ def download_checkpoint(pretrained: str, url: str, checksum: str, policy: RetryP
 
 
 def main() -> None:
-    params = load_section("download")
-    source = require_choice("download", params, "source", ["coco2017", "coco_folder", "voc"])
-    require_choice("download", params, "pretrained", [*ARCHITECTURES, "scratch"])
+    params = load(DownloadParams)
+    remove_stale_temps(RAW_ANNOTATIONS, RAW_RELABEL, PRETRAINED)
     policy = RetryPolicy.from_params(params)
-    if source == "coco2017":
-        download_annotations(rewrite_mirror(params["annotations_url"], params["mirror"]), params["annotations_checksum"], policy)
-        download_relabel(params["relabel_url"], params["relabel_checksum"], policy)
+    if params.source == "coco2017":
+        download_annotations(rewrite_mirror(params.annotations_url, params.mirror), params.annotations_checksum, policy)
+        download_relabel(params.relabel_url, params.relabel_checksum, policy)
     else:
-        import_own_dataset(source, Path(params["source_path"]))
+        import_own_dataset(params.source, Path(params.source_path))
         download_relabel("", "", policy)  # the overlay relabels COCO 2017 annotation ids only
-    download_checkpoint(params["pretrained"], params["checkpoint_url"], params["checkpoint_checksum"], policy)
+    download_checkpoint(params.pretrained, params.checkpoint_url, params.checkpoint_checksum, policy)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,10 @@ import numpy as np
 
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.io import read_json, write_json
-from trafficdet.modelmaker import IMAGE_STORE, load_dataset, quiet_tensorflow, restore_detector
-from trafficdet.params import load_section, require_choice, require_positive_int
+from trafficdet.modelmaker import keras_model, load_dataset, preprocessor, quiet_tensorflow, restore_detector
+from trafficdet.params import EvaluateParams, load
+from trafficdet.paths import EVALUATE_LIVE, IMAGE_STORE, MODEL, TRAINED, split_labels
 
-TRAIN_DIR = Path("models/train")
-MODEL = Path("models/model.tflite")
-VAL_DIR = Path("data/split/val")
-LIVE_DIR = Path("reports/evaluate")
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"]
 
 
@@ -86,11 +83,12 @@ def coco_evaluate(ground_truth: dict[str, Any], detections: list[dict[str, Any]]
 
 def keras_detections(detector: Any, batch_size: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Detections of the Keras model over the val cache, in original-image pixels, and its val losses."""
-    dataset = load_dataset("val").gen_tf_dataset(batch_size, is_training=False, preprocess=detector._preprocessor)
-    losses = detector._model.evaluate(dataset, return_dict=True, verbose=0)
+    model = keras_model(detector)
+    dataset = load_dataset("val").gen_tf_dataset(batch_size, is_training=False, preprocess=preprocessor(detector))
+    losses = model.evaluate(dataset, return_dict=True, verbose=0)
     detections = []
     for x, y in dataset:
-        pred = detector._model(x, anchor_boxes=y["anchor_boxes"], image_shape=y["image_info"][:, 1, :], training=False)
+        pred = model(x, anchor_boxes=y["anchor_boxes"], image_shape=y["image_info"][:, 1, :], training=False)
         boxes, scores = pred["detection_boxes"].numpy(), pred["detection_scores"].numpy()
         classes, counts = pred["detection_classes"].numpy(), pred["num_detections"].numpy()
         info, ids = y["image_info"].numpy(), y["groundtruths"]["source_id"].numpy()
@@ -177,32 +175,30 @@ def write_results(live: Any, model: str, result: dict[str, Any], extra: dict[str
         for metric, value in values.items():
             live.log_metric(f"{model}/per_class/{name}/{metric}", round(value, 4), plot=False)
     write_json(
-        LIVE_DIR / "plots/ap" / f"{model}.json",
+        EVALUATE_LIVE / "plots/ap" / f"{model}.json",
         [{"class": name, "AP": max(v["AP"], 0.0)} for name, v in result["per_class"].items()],
         indent=True,
     )
     for name, curve in result["pr"].items():
-        write_json(LIVE_DIR / "plots/pr" / f"{model}_{name}.json", curve, indent=True)
+        write_json(EVALUATE_LIVE / "plots/pr" / f"{model}_{name}.json", curve, indent=True)
 
 
-def evaluate(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    backend = require_choice("evaluate", params, "backend", ["pycocotools", "faster_coco_eval"])
-    batch_size = require_positive_int("evaluate", params, "batch_size")
-    max_results = require_positive_int("evaluate", params, "max_detections")
+def evaluate(params: EvaluateParams) -> dict[str, dict[str, Any]]:
+    backend = params.backend
     if not MODEL.exists():
         raise PipelineError(f"{MODEL}: missing; run the export stage first")
-    ground_truth = read_json(VAL_DIR / "labels.json")
+    ground_truth = read_json(split_labels("val"))
     quiet_tensorflow()
 
     from dvclive import Live
 
-    shutil.rmtree(LIVE_DIR, ignore_errors=True)
-    with Live(str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False) as live:
-        detector = restore_detector(TRAIN_DIR, TRAIN_DIR)
-        keras_dets, losses = keras_detections(detector, batch_size)
+    shutil.rmtree(EVALUATE_LIVE, ignore_errors=True)
+    with Live(str(EVALUATE_LIVE), dvcyaml=False, save_dvc_exp=False) as live:
+        detector = restore_detector(TRAINED, TRAINED)
+        keras_dets, losses = keras_detections(detector, params.batch_size)
         keras = coco_evaluate(ground_truth, keras_dets, backend)
         write_results(live, "keras", keras, losses)
-        tflite_dets = tflite_detections(MODEL, ground_truth, IMAGE_STORE, max_results)
+        tflite_dets = tflite_detections(MODEL, ground_truth, IMAGE_STORE, params.max_detections)
         tflite = coco_evaluate(ground_truth, tflite_dets, backend)
         write_results(live, "tflite", tflite, {})
         live.log_image("predictions.png", prediction_grid(ground_truth, tflite_dets, IMAGE_STORE))
@@ -210,7 +206,7 @@ def evaluate(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def main() -> None:
-    results = evaluate(load_section("evaluate"))
+    results = evaluate(load(EvaluateParams))
     print("evaluate: " + "; ".join(f"{model} AP {r['AP']:.3f} AP50 {r['AP50']:.3f}" for model, r in results.items()))
 
 

@@ -6,7 +6,8 @@ and data/images/ for the latency run); writes
     models/metadata.json   what the model is (architecture, labels, quantization, input size)
                            and the TFLite metadata as JSON
     models/labels.txt      one class name per line, in the model's output order
-    reports/export.json    file size and CPU latency through MediaPipe Tasks (DVC metrics)
+    reports/export.json    file size (DVC metrics)
+    reports/timing/export.json  CPU latency through MediaPipe Tasks (a measurement of this machine)
 """
 
 from __future__ import annotations
@@ -20,17 +21,10 @@ from typing import Any
 
 from trafficdet.architectures import ARCHITECTURES
 from trafficdet.errors import run_stage
-from trafficdet.io import read_json, write_bytes, write_json
-from trafficdet.modelmaker import IMAGE_STORE, load_dataset, quiet_tensorflow, restore_detector
-from trafficdet.params import load_section, require_choice, require_positive_int
-
-TRAIN_DIR = Path("models/train")
-VAL_LABELS = Path("data/split/val/labels.json")
-MODEL = Path("models/model.tflite")
-METADATA = Path("models/metadata.json")
-LABELS = Path("models/labels.txt")
-REPORT = Path("reports/export.json")
-QUANTIZATIONS = ["float32", "float16", "int8", "dynamic"]
+from trafficdet.io import read_json, remove_stale_temps, write_bytes, write_json
+from trafficdet.modelmaker import load_dataset, quiet_tensorflow, restore_detector
+from trafficdet.params import ExportParams, load
+from trafficdet.paths import EXPORT_REPORT, EXPORT_TIMING, IMAGE_STORE, MODEL, MODEL_LABELS, MODEL_METADATA, TRAINED, split_labels
 
 
 def shorten_lists(value: Any, limit: int = 100) -> Any:
@@ -74,22 +68,20 @@ def measure_latency(model: Path, images: list[Path], repeats: int) -> dict[str, 
     return {"latency_ms": round(statistics.median(times), 2), "latency_runs": len(times)}
 
 
-def export(params: dict[str, Any], out_model: Path = MODEL) -> dict[str, Any]:
+def export(params: ExportParams, out_model: Path = MODEL) -> dict[str, Any]:
     """Export ``models/model.tflite`` (+ metadata, labels); return the report."""
-    kind = require_choice("export", params, "quantization", QUANTIZATIONS)
-    steps = require_positive_int("export", params, "representative_steps")
-    repeats = require_positive_int("export", params, "latency_repeats")
-    summary = read_json(TRAIN_DIR / "train.json")
+    kind = params.quantization
+    summary = read_json(TRAINED / "train.json")
     quiet_tensorflow()
     out_model.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_model.parent, prefix=".export.") as scratch:
+    with tempfile.TemporaryDirectory(prefix="export.") as scratch:  # in data/.tmp/<pid>
         tmp = Path(scratch)
-        detector = restore_detector(TRAIN_DIR, tmp)
-        detector.export_model("model.tflite", quantization_config(kind, steps))
+        detector = restore_detector(TRAINED, tmp)
+        detector.export_model("model.tflite", quantization_config(kind, params.representative_steps))
         tflite_metadata = shorten_lists(json.loads((tmp / "metadata.json").read_text()))
-        names = sorted(image["file_name"] for image in read_json(VAL_LABELS)["images"])
-        images = [IMAGE_STORE / name for name in names[: int(params["latency_images"])]]
-        latency = measure_latency(tmp / "model.tflite", images, repeats)
+        names = sorted(image["file_name"] for image in read_json(split_labels("val"))["images"])
+        images = [IMAGE_STORE / name for name in names[: params.latency_images]]
+        latency = measure_latency(tmp / "model.tflite", images, params.latency_repeats)
         size = (tmp / "model.tflite").stat().st_size
         arch = ARCHITECTURES[summary["architecture"]]
         metadata = {
@@ -103,15 +95,18 @@ def export(params: dict[str, Any], out_model: Path = MODEL) -> dict[str, Any]:
             "tflite_metadata": tflite_metadata,
         }
         write_bytes(out_model, (tmp / "model.tflite").read_bytes())
-    write_json(METADATA, metadata, indent=True)
-    write_bytes(LABELS, ("\n".join(summary["labels"]) + "\n").encode())
-    report = {"quantization": kind, "size_bytes": size, "size_mb": round(size / 2**20, 3), **latency}
-    write_json(REPORT, report, indent=True)
-    return report
+    write_json(MODEL_METADATA, metadata, indent=True)
+    write_bytes(MODEL_LABELS, ("\n".join(summary["labels"]) + "\n").encode())
+    report = {"quantization": kind, "size_bytes": size, "size_mb": round(size / 2**20, 3)}
+    write_json(EXPORT_REPORT, report, indent=True)
+    write_json(EXPORT_TIMING, latency, indent=True)
+    return {**report, **latency}
 
 
 def main() -> None:
-    report = export(load_section("export"))
+    params = load(ExportParams)
+    remove_stale_temps(MODEL, MODEL_METADATA, MODEL_LABELS, EXPORT_REPORT, EXPORT_TIMING)
+    report = export(params)
     print(f"export: {MODEL} ({report['quantization']}, {report['size_mb']} MB, {report['latency_ms']} ms/image on CPU)")
 
 

@@ -11,95 +11,14 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
+from trafficdet.coco import Pool, load_pool, read_coco
 from trafficdet.errors import PipelineError, run_stage
-from trafficdet.io import write_json
-from trafficdet.params import load_section
-
-ANNOTATIONS_DIR = Path("data/raw/annotations")
-RELABEL_DIR = Path("data/raw/relabel")
-OUT_DIR = Path("data/filtered")
-REPORT = Path("reports/filter.json")
-
-
-class Image(msgspec.Struct):
-    id: int
-    file_name: str
-    width: int = 0
-    height: int = 0
-    coco_url: str | None = None
-    local_path: str | None = None
-
-
-class Annotation(msgspec.Struct):
-    id: int
-    image_id: int
-    category_id: int
-    bbox: Any = None  # checked by clean_box, so a bad box is counted rather than fatal
-    iscrowd: int = 0
-
-
-class Category(msgspec.Struct):
-    id: int
-    name: str
-
-
-class CocoFile(msgspec.Struct):
-    """The fields the filter reads; msgspec skips the rest (segmentations are most of the bytes)."""
-
-    images: list[Image]
-    annotations: list[Annotation]
-    categories: list[Category]
-
-
-def read_coco(path: Path) -> CocoFile:
-    """Decode a COCO file with msgspec: at COCO scale about 5x less memory and 3x less time
-    than a full parse (BENCHMARKS.md), since segmentation polygons are skipped instead of
-    built as Python floats."""
-    try:
-        return msgspec.json.decode(Path(path).read_bytes(), type=CocoFile)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: not found") from None
-    except msgspec.ValidationError as err:
-        raise PipelineError(f"{path}: not a COCO annotation file ({err})") from None
-    except msgspec.DecodeError as err:
-        raise PipelineError(f"{path}: not valid JSON ({err})") from None
-
-
-@dataclass
-class Pool:
-    """Every source image and box, from all annotation files."""
-
-    images: dict[int, dict[str, Any]] = field(default_factory=dict)
-    annotations: list[Annotation] = field(default_factory=list)
-    categories: dict[int, str] = field(default_factory=dict)
-
-
-def load_pool(files: list[Path]) -> Pool:
-    """Read COCO files into one pool; image ids must be unique across files."""
-    pool = Pool()
-    origin_of: dict[int, Path] = {}
-    for path in files:
-        data = read_coco(path)
-        origin = path.stem.removeprefix("instances_")
-        for category in data.categories:
-            known = pool.categories.setdefault(category.id, category.name)
-            if known != category.name:
-                raise PipelineError(f"{path}: category id {category.id} is {category.name!r} here but {known!r} elsewhere")
-        for image in data.images:
-            if image.id in origin_of:
-                raise PipelineError(f"{path}: image id {image.id} also appears in {origin_of[image.id]}")
-            origin_of[image.id] = path
-            record = {key: value for key, value in msgspec.structs.asdict(image).items() if value is not None}
-            record["origin"] = origin
-            pool.images[image.id] = record
-        pool.annotations.extend(data.annotations)
-    return pool
+from trafficdet.io import remove_stale_temps, write_json
+from trafficdet.params import FilterParams, load
+from trafficdet.paths import FILTER_REPORT, FILTERED_LABELS, LABEL_MAP, RAW_ANNOTATIONS, RAW_RELABEL
 
 
 def apply_relabel(pool: Pool, files: list[Path]) -> dict[str, int]:
@@ -193,12 +112,6 @@ def select_images(
     unknown = [name for name in include_all if name not in ids]
     if unknown:
         raise PipelineError(f"params.yaml filter.include_all: {unknown} not in filter.classes")
-    if images_per_class != "all" and (
-        isinstance(images_per_class, bool) or not isinstance(images_per_class, int) or images_per_class < 0
-    ):
-        raise PipelineError(
-            f"params.yaml filter.images_per_class: must be a non-negative integer or 'all', got {images_per_class!r}"
-        )
     selected: set[int] = set()
     for name in include_all:
         selected.update(by_class[ids[name]])
@@ -215,16 +128,16 @@ def select_images(
     return selected, added
 
 
-def filter_dataset(annotation_files: list[Path], relabel_files: list[Path], params: dict[str, Any]) -> tuple[dict, list, dict]:
+def filter_dataset(annotation_files: list[Path], relabel_files: list[Path], params: FilterParams) -> tuple[dict, list, dict]:
     """Return (COCO dict, label map, report) for the configured classes and selection rule."""
     pool = load_pool(annotation_files)
     overlay = apply_relabel(pool, relabel_files) if relabel_files else {}
-    classes = list(params["classes"])
+    classes = params.classes
     mapping = resolve_classes(pool, classes, bool(relabel_files))
-    min_side = float(params["min_box_side"])
+    min_side = params.min_box_side
     dropped: Counter[str] = Counter()
     kept: dict[int, list[tuple[int, int, list[float]]]] = defaultdict(list)  # image -> (ann id, new cat, box)
-    drop_crowd = bool(params["drop_crowd"])
+    drop_crowd = params.drop_crowd
     for ann in pool.annotations:
         new_id = mapping.get(ann.category_id)
         if new_id is None:
@@ -248,9 +161,7 @@ def filter_dataset(annotation_files: list[Path], relabel_files: list[Path], para
     for image_id in sorted(kept):
         for class_id in sorted({cat for _, cat, _ in kept[image_id]}):
             by_class[class_id].append(image_id)
-    selected, added = select_images(
-        by_class, classes, list(params["include_all"]), params["images_per_class"], int(params["seed"])
-    )
+    selected, added = select_images(by_class, classes, params.include_all, params.images_per_class, params.seed)
 
     images, annotations = [], []
     seen_names: dict[str, int] = {}
@@ -291,21 +202,22 @@ def filter_dataset(annotation_files: list[Path], relabel_files: list[Path], para
     return {"images": images, "annotations": annotations, "categories": categories}, label_map, report
 
 
-def relabel_files(relabel_dir: Path = RELABEL_DIR) -> list[Path]:
+def relabel_files(relabel_dir: Path = RAW_RELABEL) -> list[Path]:
     return sorted(p for p in relabel_dir.glob("*.json") if p.name != "manifest.json")
 
 
 def main() -> None:
-    params = load_section("filter")
-    files = sorted(p for p in ANNOTATIONS_DIR.glob("*.json") if p.name != "manifest.json")
+    params = load(FilterParams)
+    remove_stale_temps(FILTERED_LABELS, LABEL_MAP, FILTER_REPORT)
+    files = sorted(p for p in RAW_ANNOTATIONS.glob("*.json") if p.name != "manifest.json")
     if not files:
-        raise PipelineError(f"{ANNOTATIONS_DIR}: no annotation files; run the download stage first")
+        raise PipelineError(f"{RAW_ANNOTATIONS}: no annotation files; run the download stage first")
     coco, label_map, report = filter_dataset(files, relabel_files(), params)
     if not coco["images"]:
         raise PipelineError("filter kept no images: check filter.classes against the source categories")
-    write_json(OUT_DIR / "labels.json", coco)
-    write_json(OUT_DIR / "label_map.json", label_map, indent=True)
-    write_json(REPORT, report, indent=True)
+    write_json(FILTERED_LABELS, coco)
+    write_json(LABEL_MAP, label_map, indent=True)
+    write_json(FILTER_REPORT, report, indent=True)
     print(f"filter: kept {report['images']} images, {report['annotations']} boxes; dropped {report['dropped']}")
 
 

@@ -25,14 +25,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from trafficdet.errors import PipelineError, run_stage
-from trafficdet.fetch import DOWNLOADS_DIR, HTTPStatusError, RetryPolicy, fetch, rewrite_mirror
-from trafficdet.io import read_json, write_json
-from trafficdet.params import load_section, require_choice, require_positive_int
-
-LABELS = Path("data/filtered/labels.json")
-STORE = Path("data/images")
-INDEX = Path("data/images.json")
-REPORT = Path("reports/images.json")
+from trafficdet.fetch import HTTPStatusError, RetryPolicy, fetch, rewrite_mirror
+from trafficdet.io import read_json, remove_stale_temps, write_json
+from trafficdet.params import DownloadParams, load
+from trafficdet.paths import DOWNLOADS, FILTERED_LABELS, IMAGE_INDEX, IMAGE_STORE, IMAGES_REPORT
 
 
 def verify_image(path: Path, width: int | None, height: int | None) -> str:
@@ -106,7 +102,7 @@ def fetch_from_zips(
     for url, checksum in zips:
         if not wanted:
             break
-        archive = fetch(url, DOWNLOADS_DIR / Path(url).name, checksum=checksum, policy=policy)
+        archive = fetch(url, DOWNLOADS / Path(url).name, checksum=checksum, policy=policy)
         try:
             with zipfile.ZipFile(archive) as zf:
                 for info in zf.infolist():
@@ -135,29 +131,28 @@ def prune_store(store: Path, keep: set[str]) -> int:
 
 
 def main() -> None:
-    params = load_section("download")
-    route = require_choice("download", params, "images", ["per_image", "zips"])
-    workers = require_positive_int("download", params, "image_workers")
+    params = load(DownloadParams)
+    remove_stale_temps(IMAGE_INDEX, IMAGES_REPORT)
     policy = RetryPolicy.from_params(params)
-    images = read_json(LABELS)["images"]
-    if route == "zips" and all("coco_url" in image for image in images):
+    images = read_json(FILTERED_LABELS)["images"]
+    if params.images == "zips" and all("coco_url" in image for image in images):
         zips = [
-            (rewrite_mirror(params[f"{side}_zip_url"], params["mirror"]), params[f"{side}_zip_checksum"])
-            for side in ("train", "val")
+            (rewrite_mirror(params.train_zip_url, params.mirror), params.train_zip_checksum),
+            (rewrite_mirror(params.val_zip_url, params.mirror), params.val_zip_checksum),
         ]
-        results = fetch_from_zips(images, STORE, zips, workers, policy)
+        results = fetch_from_zips(images, IMAGE_STORE, zips, params.image_workers, policy)
     else:
-        results = fetch_per_image(images, STORE, params["mirror"], workers, policy)
+        results = fetch_per_image(images, IMAGE_STORE, params.mirror, params.image_workers, policy)
     kept = sorted(name for name, reason in results.items() if not reason)
     rejected = {name: reason for name, reason in sorted(results.items()) if reason}
-    pruned = prune_store(STORE, set(kept))
-    write_json(INDEX, {"kept": kept, "rejected": rejected}, indent=True)
-    write_json(REPORT, {"images": len(kept), "rejected": len(rejected), "pruned": pruned}, indent=True)
+    pruned = prune_store(IMAGE_STORE, set(kept))
+    write_json(IMAGE_INDEX, {"kept": kept, "rejected": rejected}, indent=True)
+    write_json(IMAGES_REPORT, {"images": len(kept), "rejected": len(rejected), "pruned": pruned}, indent=True)
     for name, reason in list(rejected.items())[:10]:
         print(f"images: rejected {name}: {reason}")
     print(f"images: {len(kept)} usable, {len(rejected)} rejected, {pruned} stale files pruned")
     if not kept:
-        raise PipelineError(f"no usable images (see {INDEX})")
+        raise PipelineError(f"no usable images (see {IMAGE_INDEX})")
 
 
 if __name__ == "__main__":

@@ -16,14 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from trafficdet.errors import PipelineError, run_stage
-from trafficdet.io import atomic_dir, read_json, write_json
-from trafficdet.params import load_section, require_choice
-
-LABELS = Path("data/filtered/labels.json")
-IMAGE_INDEX = Path("data/images.json")
-OUT_DIR = Path("data/split")
-REPORT = Path("reports/split.json")
-SIDES = ("train", "val")
+from trafficdet.io import atomic_dir, read_json, remove_stale_temps, write_json
+from trafficdet.params import SplitParams, load
+from trafficdet.paths import FILTERED_LABELS, IMAGE_INDEX, SIDES, SPLIT, SPLIT_REPORT
 
 
 def stratified_split(classes_of: dict[int, set[int]], val_fraction: float, seed: int) -> set[int]:
@@ -92,7 +87,7 @@ def split_dataset(
     return sides, report
 
 
-def write_split(sides: dict[str, dict], out: Path = OUT_DIR) -> None:
+def write_split(sides: dict[str, dict], out: Path = SPLIT) -> None:
     """One ``<side>/labels.json`` per side, all or nothing."""
     with atomic_dir(out) as tmp:
         for side, coco in sides.items():
@@ -100,19 +95,16 @@ def write_split(sides: dict[str, dict], out: Path = OUT_DIR) -> None:
 
 
 def main() -> None:
-    params = load_section("split")
-    method = require_choice("split", params, "method", ["stratified", "published"])
-    val_fraction = float(params["val_fraction"])
-    if not 0 < val_fraction < 1:
-        raise PipelineError(f"params.yaml split.val_fraction: must be between 0 and 1, got {val_fraction}")
-    coco = read_json(LABELS)
+    params = load(SplitParams)
+    remove_stale_temps(SPLIT, SPLIT_REPORT)
+    coco = read_json(FILTERED_LABELS)
     usable = set(read_json(IMAGE_INDEX)["kept"])
-    sides, report = split_dataset(coco, usable, method, val_fraction, int(params["seed"]))
+    sides, report = split_dataset(coco, usable, params.method, params.val_fraction, params.seed)
     for side in SIDES:
         if not sides[side]["images"]:
             raise PipelineError(f"split left no {side} images ({len(usable)} usable): lower split.val_fraction or add images")
     write_split(sides)
-    write_json(REPORT, report, indent=True)
+    write_json(SPLIT_REPORT, report, indent=True)
     print(f"split: {report['train']['images']} train / {report['val']['images']} val images")
 
 

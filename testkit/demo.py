@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from trafficdet.fixture import download_params, generate
-from trafficdet.fixture_server import FixtureServer
-from trafficdet.repo_copy import ROOT, copy_repo
+from testkit.fixture import download_params, generate
+from testkit.fixture_server import FixtureServer
+from testkit.repo_copy import ROOT, copy_repo
 
 LARGE_CLASSES = ("car", "bus", "truck")
 
@@ -53,6 +53,7 @@ def main() -> None:
     metrics = json.loads((repo / "reports/evaluate/metrics.json").read_text())
     subprocess.run(["dvc", "plots", "show", "-o", "dvc_plots"], cwd=repo, env=env, check=True, capture_output=True)
     export = json.loads((repo / "reports/export.json").read_text())
+    export |= json.loads((repo / "reports/timing/export.json").read_text())
     print(f"\n{'metric':8s} {'keras':>7s} {'tflite':>7s}")
     for name in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"):
         print(f"{name:8s} {metrics['keras'][name]:7.3f} {metrics['tflite'][name]:7.3f}")

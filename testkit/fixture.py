@@ -376,7 +376,7 @@ def main() -> None:
     manifest = generate(args.root, images=args.images, seed=args.seed, width=args.size[0], height=args.size[1])
     print(f"wrote {manifest['images']} images, {manifest['annotations']} annotations to {args.root}")
     flags = " ".join(f"-S download.{key}={value}" for key, value in download_params(args.url, manifest).items())
-    print(f"serve it:  python -m trafficdet.fixture_server {args.root} --port {args.url.rsplit(':', 1)[-1]}")
+    print(f"serve it:  python -m testkit.fixture_server {args.root} --port {args.url.rsplit(':', 1)[-1]}")
     print(f"use it:    dvc exp run {flags}")
 
 

@@ -3,7 +3,7 @@
 The tests push to and pull from it as a DVC remote (no S3 mocks), and anyone can start
 one to try the remote workflow on a laptop:
 
-    python -m trafficdet.object_store --dir .s3 --port 8333   # Ctrl-C stops it
+    python -m testkit.object_store --dir .s3 --port 8333   # Ctrl-C stops it
 
 SeaweedFS is a master, a volume server, a filer and an S3 gateway in one process; each
 needs a port (and a gRPC port), all bound to loopback here. It is slow to exit on

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
-from trafficdet.fixture import download_params, generate
-from trafficdet.fixture_server import FixtureServer
-from trafficdet.object_store import ACCESS_KEY, SECRET_KEY, ObjectStore
-from trafficdet.repo_copy import copy_repo
+from testkit.fixture import download_params, generate
+from testkit.fixture_server import FixtureServer
+from testkit.object_store import ACCESS_KEY, SECRET_KEY, ObjectStore
+from testkit.repo_copy import ROOT, copy_repo
 
 BIN = Path(sys.executable).parent
 
@@ -42,6 +42,14 @@ def stage_env(**extra: str) -> dict[str, str]:
     env.update({"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
     env.update(extra)
     return env
+
+
+def write_params(path: Path, **overrides: dict[str, Any]) -> None:
+    """The repository's params.yaml with ``overrides`` (section -> {key: value}), written to ``path``."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in overrides.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def make_repo(dest: Path, overrides: dict[str, dict[str, Any]]) -> Path:

@@ -16,21 +16,23 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.train import plan_distribution, validate
+from stages.train import validate
+from testkit.repo_copy import ROOT
 from tests.conftest import run, stage_env
 from tests.test_pipeline import set_param
 from tests.test_training import cached_repo, checkpoint_values, copy_of  # noqa: F401  (cached_repo is a fixture)
+from trafficdet.distribute import plan_distribution
 from trafficdet.errors import PipelineError
-from trafficdet.repo_copy import ROOT
+from trafficdet.params import TrainParams, parse
 
 TRAIN_SIZE, VAL_SIZE = 32, 7  # images in the tiny cached repo
 
 
-def train_params(**changes: object) -> dict:
+def train_params(**changes: object) -> TrainParams:
     """The repository's train: section with ``changes``, as the stage would load it."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
     params.update({"init": "scratch", "epochs": 1, "batch_size": 4, **changes})
-    return params
+    return parse(TrainParams, params)
 
 
 def tf_config(index: int, ports: list[int], chief: bool = False) -> str:
@@ -50,7 +52,8 @@ def tf_config(index: int, ports: list[int], chief: bool = False) -> str:
         (
             {"distribution_strategy": "tpu"},
             None,
-            r"params\.yaml train\.distribution_strategy: 'tpu' is not one of off, one_device, mirrored",
+            r"params\.yaml train\.distribution_strategy: expected 'off', 'one_device', 'mirrored' or "
+            r"'multi_worker_mirrored', got 'tpu'",
         ),
         (
             {"distribution_strategy": "mirrored", "cpu_replicas": 2, "batch_size": 3},
@@ -71,7 +74,7 @@ def tf_config(index: int, ports: list[int], chief: bool = False) -> str:
         (
             {"distribution_strategy": "mirrored", "cpu_replicas": 0},
             None,
-            r"params\.yaml train\.cpu_replicas: must be a positive integer, got 0",
+            r"params\.yaml train\.cpu_replicas: expected a positive integer, got 0",
         ),
         (
             {"distribution_strategy": "one_device", "num_gpus": 2},
@@ -84,7 +87,7 @@ def tf_config(index: int, ports: list[int], chief: bool = False) -> str:
             r"params\.yaml train\.batch_size: 8 is larger than the validation set \(7 images\); with 2 replicas validation runs "
             r"on whole batches only",
         ),
-        ({"num_gpus": -1}, None, r"params\.yaml train\.num_gpus: must be an integer >= 0, got -1"),
+        ({"num_gpus": -1}, None, r"params\.yaml train\.num_gpus: expected an integer >= 0, got -1"),
         (
             {"distribution_strategy": "multi_worker_mirrored"},
             None,
@@ -146,7 +149,7 @@ def test_who_is_the_chief(monkeypatch: pytest.MonkeyPatch) -> None:
     for chief_task in (False, True):
         for index in range(3):
             monkeypatch.setenv("TF_CONFIG", tf_config(index, [1, 2, 3], chief=chief_task))
-            plan = plan_distribution(dict(params))
+            plan = plan_distribution(params)
             seen.append((plan.task, plan.chief, plan.workers, plan.replicas))
     assert seen == [
         ("worker 0", True, 3, 3),
@@ -157,7 +160,7 @@ def test_who_is_the_chief(monkeypatch: pytest.MonkeyPatch) -> None:
         ("worker 1", False, 3, 3),
     ]
     monkeypatch.setenv("TF_CONFIG", tf_config(0, [1, 2]))
-    assert plan_distribution(dict(params, num_gpus=4)).replicas == 8
+    assert plan_distribution(params.model_copy(update={"num_gpus": 4})).replicas == 8
     monkeypatch.delenv("TF_CONFIG")
     assert plan_distribution(train_params(distribution_strategy="mirrored", cpu_replicas=3)).replicas == 3
     assert plan_distribution(train_params(distribution_strategy=False)).strategy == "off"  # YAML 1.1's unquoted off
@@ -311,7 +314,7 @@ def test_two_workers_on_loopback(two_workers: tuple[list[Path], list[subprocess.
     assert len(steps) == 2 and all(f"of {summary['final']['steps']} steps" in line for line in steps), steps
     for path in ("models/train", "models/train_state", "reports/train"):
         assert not (other / path).exists(), path
-    assert not list((other / "data/.tmp").glob("train-*")), "the worker's scratch copy should be gone"
+    assert not list((other / "data/.tmp").iterdir()), "the worker's scratch copy should be gone"
 
 
 @pytest.mark.slow
@@ -322,7 +325,7 @@ def test_workers_that_would_resume_differently_stop_with_one_line(
 ) -> None:
     """The chief has a backup after epoch 1, the other worker (own copy) none: both stop before training, clearly."""
     from stages.train import fingerprint
-    from trafficdet.params import load_section
+    from trafficdet.params import load
 
     repos = [copy_of(cached_repo, tmp_path / f"worker{index}") for index in range(2)]
     for repo in repos:
@@ -330,7 +333,7 @@ def test_workers_that_would_resume_differently_stop_with_one_line(
         set_param(repo, "train", "epochs", 2)
     chief = repos[0]
     monkeypatch.chdir(chief)
-    state = {"fingerprint": fingerprint(load_section("train")), "complete": False}
+    state = {"fingerprint": fingerprint(load(TrainParams)), "complete": False}
     (chief / "models/train_state/backup/chief").mkdir(parents=True)
     (chief / "models/train_state/state.json").write_text(json.dumps(state))
     (chief / "models/train_state/backup/chief/checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')

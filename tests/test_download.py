@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from stages import download
+from testkit.fixture import ANNOTATIONS_ZIP, CHECKPOINT_TARBALL, RELABEL_ZIP
+from testkit.fixture_server import FixtureServer
 from trafficdet.architectures import ARCHITECTURES
 from trafficdet.archive import extract_tar, extract_zip
 from trafficdet.errors import PipelineError
 from trafficdet.fetch import RetryPolicy
-from trafficdet.fixture import ANNOTATIONS_ZIP, CHECKPOINT_TARBALL, RELABEL_ZIP
-from trafficdet.fixture_server import FixtureServer
 
 FAST = RetryPolicy(retries=1, backoff_s=0.01, timeout_s=10)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from testkit.repo_copy import commit_all
 from tests.conftest import PipelineRun, run, stages_run
-from trafficdet.repo_copy import commit_all
 
 AP_COLUMNS = ("keras.AP", "keras.AP50", "tflite.AP", "tflite.AP50")
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from testkit.fixture import ANNOTATIONS_ZIP, CHECKPOINT_TARBALL
+from testkit.fixture_server import FixtureServer
 from trafficdet.errors import PipelineError
 from trafficdet.fetch import CHUNK, HTTPStatusError, RetryPolicy, fetch, rewrite_mirror
-from trafficdet.fixture import ANNOTATIONS_ZIP, CHECKPOINT_TARBALL
-from trafficdet.fixture_server import FixtureServer
 
 FAST = RetryPolicy(retries=2, backoff_s=0.01, timeout_s=10)
 BIG = "zips/train2017.zip"  # several chunks long

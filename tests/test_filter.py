@@ -9,9 +9,10 @@ import pytest
 
 from stages import download
 from stages import filter as filter_stage
+from testkit.fixture import ANNOTATIONS_ZIP, RELABEL_ZIP
 from trafficdet.errors import PipelineError
 from trafficdet.fetch import RetryPolicy
-from trafficdet.fixture import ANNOTATIONS_ZIP, RELABEL_ZIP
+from trafficdet.params import FilterParams
 
 DEFAULTS = {
     "classes": [
@@ -33,6 +34,10 @@ DEFAULTS = {
 }
 
 
+def params(**changes: object) -> FilterParams:
+    return FilterParams.model_validate({**DEFAULTS, **changes})
+
+
 @pytest.fixture
 def raw(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixture_tree, server) -> tuple[list[Path], list[Path]]:
     """The fixture's annotations and relabel files, fetched by the download stage."""
@@ -46,7 +51,7 @@ def raw(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixture_tree, server) -
 
 
 def test_ids_are_contiguous_in_class_order(raw) -> None:
-    coco, label_map, _report = filter_stage.filter_dataset(*raw, DEFAULTS)
+    coco, label_map, _report = filter_stage.filter_dataset(*raw, params())
     assert [c["id"] for c in coco["categories"]] == list(range(1, 10))
     assert [c["name"] for c in coco["categories"]] == DEFAULTS["classes"]
     assert {a["category_id"] for a in coco["annotations"]} == set(range(1, 10))
@@ -55,7 +60,7 @@ def test_ids_are_contiguous_in_class_order(raw) -> None:
 
 
 def test_overlay_splits_lights_by_state(raw) -> None:
-    _coco, _, report = filter_stage.filter_dataset(*raw, DEFAULTS)
+    _coco, _, report = filter_stage.filter_dataset(*raw, params())
     lights = {name: report["classes"][name]["annotations"] for name in DEFAULTS["include_all"]}
     assert all(count > 0 for count in lights.values())
     assert report["overlay"]["relabelled"] == sum(lights.values())
@@ -63,7 +68,7 @@ def test_overlay_splits_lights_by_state(raw) -> None:
 
 
 def test_bad_boxes_are_dropped_and_counted(raw) -> None:
-    coco, _, report = filter_stage.filter_dataset(*raw, DEFAULTS)
+    coco, _, report = filter_stage.filter_dataset(*raw, params())
     assert report["dropped"]["degenerate"] == 1 and report["dropped"]["outside_image"] == 1
     assert report["clipped_kept"] == 1
     for ann in coco["annotations"]:
@@ -94,29 +99,26 @@ def test_clipped_box_fits_exactly() -> None:
 
 
 def test_selection_rule_is_seeded_and_bounded(raw) -> None:
-    params = {**DEFAULTS, "images_per_class": 2}
-    first = filter_stage.filter_dataset(*raw, params)[2]
-    again = filter_stage.filter_dataset(*raw, params)[2]
-    other = filter_stage.filter_dataset(*raw, {**params, "seed": 99})[2]
+    first = filter_stage.filter_dataset(*raw, params(images_per_class=2))[2]
+    again = filter_stage.filter_dataset(*raw, params(images_per_class=2))[2]
+    other = filter_stage.filter_dataset(*raw, params(images_per_class=2, seed=99))[2]
     assert first == again
     assert all(count <= 2 for count in first["added_per_class"].values())
-    lights_only = filter_stage.filter_dataset(*raw, {**params, "images_per_class": 0})[2]
+    lights_only = filter_stage.filter_dataset(*raw, params(images_per_class=0))[2]
     assert first["images"] == lights_only["images"] + sum(first["added_per_class"].values())
     assert other["images"] == first["images"]  # same rule, different sample
 
 
 def test_unknown_class_is_named(raw) -> None:
     with pytest.raises(PipelineError, match=r"filter\.classes: 'tram' is not a category"):
-        filter_stage.filter_dataset(*raw, {**DEFAULTS, "classes": ["car", "tram"], "include_all": []})
+        filter_stage.filter_dataset(*raw, params(classes=["car", "tram"], include_all=[]))
 
 
 def test_light_colours_need_the_overlay(raw) -> None:
     files, _ = raw
     with pytest.raises(PipelineError, match=r"overlay is off: set download\.relabel_url, or use 'traffic light'"):
-        filter_stage.filter_dataset(files, [], DEFAULTS)
-    coco, _, _ = filter_stage.filter_dataset(
-        files, [], {**DEFAULTS, "classes": ["traffic light", "car"], "include_all": ["traffic light"]}
-    )
+        filter_stage.filter_dataset(files, [], params())
+    coco, _, _ = filter_stage.filter_dataset(files, [], params(classes=["traffic light", "car"], include_all=["traffic light"]))
     assert [c["name"] for c in coco["categories"]] == ["traffic light", "car"]
 
 
@@ -124,8 +126,8 @@ def test_not_a_coco_file_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "instances_x.json"
     bad.write_text(json.dumps({"images": []}))
     with pytest.raises(PipelineError, match=r"instances_x\.json: not a COCO annotation file"):
-        filter_stage.filter_dataset([bad], [], DEFAULTS)
+        filter_stage.filter_dataset([bad], [], params())
     broken = tmp_path / "instances_y.json"
     broken.write_text('{"images": [')
     with pytest.raises(PipelineError, match=r"instances_y\.json: not valid JSON"):
-        filter_stage.filter_dataset([broken], [], DEFAULTS)
+        filter_stage.filter_dataset([broken], [], params())

@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from stages import images
+from testkit.fixture import image_records
+from testkit.fixture_server import FixtureServer
+from tests.conftest import write_params
 from trafficdet.fetch import RetryPolicy
-from trafficdet.fixture import image_records
-from trafficdet.fixture_server import FixtureServer
 from trafficdet.io import read_json
 
 FAST = RetryPolicy(retries=1, backoff_s=0.01, timeout_s=10)
@@ -90,9 +91,7 @@ def test_index_lists_kept_and_rejected(fixture_tree, server: FixtureServer, tmp_
     import orjson
 
     labels.write_bytes(orjson.dumps({"images": image_records(root)[:3]}))
-    Path("params.yaml").write_text(
-        f"download: {{images: per_image, image_workers: 2, mirror: '{server.url}', retries: 1, backoff_s: 0.01, timeout_s: 10}}\n"
-    )
+    write_params(Path("params.yaml"), download={"image_workers": 2, "mirror": server.url, "retries": 1, "backoff_s": 0.01})
     images.main()
     index = read_json(Path("data/images.json"))
     assert len(index["kept"]) == 2 and len(index["rejected"]) == 1

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from testkit.object_store import ObjectStore
+from testkit.repo_copy import commit_all
 from tests.conftest import PipelineRun, run, set_param, stages_run
 from tests.s3_proxy import CountingProxy
-from trafficdet.object_store import ObjectStore
-from trafficdet.repo_copy import commit_all
 
 OUTPUT_ROOTS = ("data", "models")
 _prefixes = itertools.count()
@@ -77,7 +77,7 @@ def released_repo(tiny_pipeline: PipelineRun, object_store: ObjectStore, tmp_pat
     pushed = run(["dvc", "push"], repo)
     assert "pushed" in pushed.stdout, pushed.stdout
     assert "in sync" in run(["dvc", "status", "--cloud"], repo).stdout
-    run(["python", "-m", "trafficdet.release", "1.0.0"], repo)
+    run(["python", "-m", "ops.release", "1.0.0"], repo)
     return repo
 
 
@@ -126,13 +126,13 @@ def test_a_release_tag_restores_its_exact_model(released_repo: Path, tmp_path: P
     assert json.loads((released_repo / "reports/export.json").read_text())["quantization"] == "float16"
     v2 = md5(released_repo / "models/model.tflite")
     assert v2 != v1
-    refused = run(["python", "-m", "trafficdet.release", "1.1.0"], released_repo, check=False)
+    refused = run(["python", "-m", "ops.release", "1.1.0"], released_repo, check=False)
     assert refused.returncode == 1 and "commit your changes first" in refused.stderr
     commit_all(released_repo, "float16 model")
-    refused = run(["python", "-m", "trafficdet.release", "1.1.0"], released_repo, check=False)
+    refused = run(["python", "-m", "ops.release", "1.1.0"], released_repo, check=False)
     assert refused.returncode == 1 and "run `dvc push` first" in refused.stderr
     run(["dvc", "push"], released_repo)
-    run(["python", "-m", "trafficdet.release", "1.1.0"], released_repo)
+    run(["python", "-m", "ops.release", "1.1.0"], released_repo)
 
     clone = fresh_clone(released_repo, tmp_path / "clone", rev="traffic-detector@v1.0.0")
     run(["dvc", "pull", "models/model.tflite"], clone)
@@ -184,9 +184,9 @@ def test_push_completes_after_the_store_is_killed_midway(released_repo: Path, tm
 
 
 def test_bad_credentials_and_unreachable_endpoint_give_one_clear_line(released_repo: Path, object_store: ObjectStore) -> None:
-    assert "reachable, credentials accepted" in run(["python", "-m", "trafficdet.remote", "check"], released_repo).stdout
+    assert "reachable, credentials accepted" in run(["python", "-m", "ops.remote", "check"], released_repo).stdout
 
-    denied = run(["python", "-m", "trafficdet.remote", "check"], released_repo, check=False, AWS_SECRET_ACCESS_KEY="wrong")
+    denied = run(["python", "-m", "ops.remote", "check"], released_repo, check=False, AWS_SECRET_ACCESS_KEY="wrong")
     lines = denied.stderr.strip().splitlines()
     assert denied.returncode == 1 and len(lines) == 1, denied.stderr
     assert lines[0].startswith("error: DVC remote 'storage' (s3://trafficdet/") and object_store.endpoint in lines[0]
@@ -195,12 +195,12 @@ def test_bad_credentials_and_unreachable_endpoint_give_one_clear_line(released_r
     raw = run(["dvc", "push"], released_repo, check=False, AWS_SECRET_ACCESS_KEY="wrong")
     assert raw.returncode != 0 and "Traceback" not in raw.stderr and "Forbidden" in raw.stderr
 
-    from trafficdet.object_store import free_port
+    from testkit.object_store import free_port
 
     closed = f"http://127.0.0.1:{free_port()}"
     run(["dvc", "remote", "modify", "--local", "storage", "endpointurl", closed], released_repo)
     try:
-        down = run(["python", "-m", "trafficdet.remote", "check"], released_repo, check=False)
+        down = run(["python", "-m", "ops.remote", "check"], released_repo, check=False)
     finally:
         (released_repo / ".dvc/config.local").unlink()
     lines = down.stderr.strip().splitlines()

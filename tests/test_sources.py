@@ -12,6 +12,7 @@ from stages import filter as filter_stage
 from trafficdet.errors import PipelineError
 from trafficdet.fetch import RetryPolicy
 from trafficdet.io import write_json
+from trafficdet.params import FilterParams
 from trafficdet.sources import import_coco_folder, import_voc_folder
 
 VOC_XML = """<annotation><filename>{name}</filename><size><width>64</width><height>48</height><depth>3</depth></size>
@@ -69,14 +70,7 @@ def test_own_dataset_flows_through_filter_images_split(tmp_path: Path, monkeypat
         source = tmp_path / "coco"
     download.import_own_dataset(kind, source)
     download.download_relabel("", "", RetryPolicy())
-    params = {
-        "classes": ["car", "bus"],
-        "include_all": [],
-        "images_per_class": "all",
-        "seed": 0,
-        "drop_crowd": True,
-        "min_box_side": 1,
-    }
+    params = FilterParams(classes=["car", "bus"], include_all=[], images_per_class="all", seed=0, drop_crowd=True, min_box_side=1)
     files = sorted(Path("data/raw/annotations").glob("instances_*.json"))
     coco, _, report = filter_stage.filter_dataset(files, filter_stage.relabel_files(), params)
     assert report["classes"] == {"car": {"images": 6, "annotations": 6}, "bus": {"images": 4, "annotations": 4}}

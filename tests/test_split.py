@@ -90,7 +90,7 @@ def test_split_holds_labels_only_and_model_maker_sees_its_folder_layout(tmp_path
     ]
     for side in ("train", "val"):
         labels_file = tmp_path / "data/split" / side / "labels.json"
-        with model_maker_folder(labels_file, store, tmp_path / "scratch") as folder:
+        with model_maker_folder(labels_file, store, tmp_path) as folder:
             assert json.loads((folder / "labels.json").read_text()) == json.loads(labels_file.read_text())
             names = {image["file_name"] for image in sides[side]["images"]}
             assert {p.name for p in (folder / "images").iterdir()} == names
@@ -105,5 +105,5 @@ def test_model_maker_folder_names_a_missing_image(tmp_path: Path) -> None:
     labels_file.write_text(json.dumps(coco))
     (tmp_path / "images").mkdir()
     with pytest.raises(PipelineError, match=r"images/0\.jpg: missing \(listed in .*labels\.json\); run the images stage"):
-        with model_maker_folder(labels_file, tmp_path / "images", tmp_path / "scratch"):
+        with model_maker_folder(labels_file, tmp_path / "images", tmp_path):
             pass

@@ -21,13 +21,11 @@ import requests
 from tqdm import tqdm
 
 from trafficdet.errors import PipelineError
+from trafficdet.params import DownloadParams
 
 COCO_HOST_PREFIXES = ("http://images.cocodataset.org/", "https://images.cocodataset.org/")
 CHUNK = 1 << 16  # small enough that a dropped connection loses little
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
-# Downloaded archives and partial files. Not a DVC output: `dvc repro` deletes outputs
-# before rerunning a stage, and a killed download must be able to resume from here.
-DOWNLOADS_DIR = Path("data/.downloads")
 
 
 class HTTPStatusError(PipelineError):
@@ -47,9 +45,9 @@ class RetryPolicy:
     timeout_s: float = 60.0
 
     @classmethod
-    def from_params(cls, params: dict) -> RetryPolicy:
+    def from_params(cls, params: DownloadParams) -> RetryPolicy:
         """Build from the ``download:`` section's retries / backoff_s / timeout_s."""
-        return cls(int(params["retries"]), float(params["backoff_s"]), float(params["timeout_s"]))
+        return cls(params.retries, params.backoff_s, params.timeout_s)
 
 
 def rewrite_mirror(url: str, mirror: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -13,6 +14,7 @@ from typing import Any
 import orjson
 
 from trafficdet.errors import PipelineError
+from trafficdet.paths import SCRATCH
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -51,13 +53,48 @@ def write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def remove_stale_temps(*outputs: Path) -> None:
+    """Delete what a killed run left beside ``outputs``: the ``.<name>.*.tmp`` of atomic writes."""
+    for output in map(Path, outputs):
+        for stale in output.parent.glob(f".{output.name}.*.tmp") if output.parent.is_dir() else ():
+            shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink(missing_ok=True)
+
+
+def private_tmpdir(scratch: Path = SCRATCH) -> Path:
+    """Point ``TMPDIR`` at ``data/.tmp/<pid>/``, removed when the process exits.
+
+    Model Maker makes temp dirs as it imports and builds; they land here instead of the
+    user's ``/tmp``. Folders of processes that no longer run (killed runs) are removed first;
+    those of live ones are left alone (the workers of a multi-worker run share a repository).
+    """
+    scratch.mkdir(parents=True, exist_ok=True)
+    for folder in scratch.iterdir():
+        if folder.is_dir() and not (folder.name.isdigit() and _alive(int(folder.name))):
+            shutil.rmtree(folder, ignore_errors=True)
+    mine = (scratch / str(os.getpid())).resolve()
+    mine.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = str(mine)
+    tempfile.tempdir = None  # re-read TMPDIR
+    atexit.register(shutil.rmtree, mine, ignore_errors=True)
+    return mine
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temp directory that replaces ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temps(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp

@@ -1,41 +1,209 @@
-"""Reading one stage's section of ``params.yaml`` with early, named validation."""
+"""``params.yaml``, one typed and validated object per section.
+
+Each stage calls ``load(<Section>)`` once, at start, and afterwards reads attributes only.
+pydantic does the checking (strict: YAML's ``yes`` is not a bool, ``"30"`` is not an int);
+this module turns its first complaint into one line naming ``params.yaml section.key``,
+what was expected and what was found, and names the closest known key for a typo.
+"""
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from trafficdet.architectures import ARCHITECTURES
 from trafficdet.errors import PipelineError
+from trafficdet.paths import PARAMS
 
-PARAMS_FILE = Path("params.yaml")
+PositiveInt = Annotated[int, Field(gt=0, description="a positive integer")]
+NonNegativeInt = Annotated[int, Field(ge=0, description="an integer >= 0")]
+PositiveFloat = Annotated[float, Field(gt=0, description="a positive number")]
+NonNegativeFloat = Annotated[float, Field(ge=0, description="a number >= 0")]
+Fraction = Annotated[float, Field(gt=0, lt=1, description="a number between 0 and 1 (exclusive)")]
+Checksum = Annotated[str, Field(pattern=r"^((md5|sha256):[0-9a-fA-F]+)?$", description="'' or 'md5:<hex>' or 'sha256:<hex>'")]
+Url = Annotated[str, Field(pattern=r"^https?://\S+$", description="an http:// or https:// URL")]
+OptionalUrl = Annotated[str, Field(pattern=r"^(https?://\S+)?$", description="'' or an http:// or https:// URL")]
+
+Architecture = Literal["mobilenet_v2", "mobilenet_v2_i320", "mobilenet_multi_avg", "mobilenet_multi_avg_i384"]
+assert set(Architecture.__args__) == set(ARCHITECTURES)  # type: ignore[attr-defined]
 
 
-def load_section(name: str, path: Path = PARAMS_FILE) -> dict[str, Any]:
-    """Return ``params.yaml``'s ``name`` section; each stage reads only its own."""
+class Section(BaseModel):
+    """One ``params.yaml`` section: every key required, unknown keys refused, values immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    name: ClassVar[str]
+
+
+class DownloadParams(Section):
+    name = "download"
+    source: Literal["coco2017", "coco_folder", "voc"]
+    source_path: str
+    mirror: OptionalUrl
+    annotations_url: Url
+    annotations_checksum: Checksum
+    relabel_url: OptionalUrl
+    relabel_checksum: Checksum
+    pretrained: Literal[Architecture, "scratch"]
+    checkpoint_url: OptionalUrl
+    checkpoint_checksum: Checksum
+    images: Literal["per_image", "zips"]
+    image_workers: PositiveInt
+    train_zip_url: Url
+    train_zip_checksum: Checksum
+    val_zip_url: Url
+    val_zip_checksum: Checksum
+    retries: NonNegativeInt
+    backoff_s: NonNegativeFloat
+    timeout_s: PositiveFloat
+
+
+class FilterParams(Section):
+    name = "filter"
+    classes: Annotated[list[str], Field(min_length=1, description="a list of class names")]
+    include_all: Annotated[list[str], Field(description="a list of class names (may be empty)")]
+    images_per_class: Annotated[NonNegativeInt | Literal["all"], Field(description="an integer >= 0 or 'all'")]
+    seed: int
+    drop_crowd: bool
+    min_box_side: NonNegativeFloat
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, classes: list[str]) -> list[str]:
+        if len(set(classes)) != len(classes):
+            raise ValueError("distinct class names")
+        return classes
+
+
+class SplitParams(Section):
+    name = "split"
+    method: Literal["stratified", "published"]
+    val_fraction: Fraction
+    seed: int
+
+
+class QatParams(Section):
+    enabled: bool
+
+
+class TrainParams(Section):
+    name = "train"
+    architecture: Architecture
+    init: Literal["pretrained", "scratch"]
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    learning_rate: PositiveFloat
+    cosine_decay_epochs: Annotated[PositiveInt | None, Field(description="null or a positive integer")]
+    cosine_decay_alpha: Annotated[float, Field(ge=0, le=1, description="a number in [0, 1]")]
+    l2_weight_decay: NonNegativeFloat
+    bn_momentum: Annotated[float | None, Field(ge=0, lt=1, description="null or a number in [0, 1)")]
+    shuffle: bool
+    seed: int
+    distribution_strategy: Literal["off", "one_device", "mirrored", "multi_worker_mirrored"]
+    num_gpus: NonNegativeInt
+    cpu_replicas: PositiveInt
+    qat: QatParams
+
+    @field_validator("distribution_strategy", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads an unquoted `off` as false
+
+
+class ExportParams(Section):
+    name = "export"
+    quantization: Literal["float32", "float16", "int8", "dynamic"]
+    representative_steps: PositiveInt
+    latency_images: PositiveInt
+    latency_repeats: PositiveInt
+
+
+class EvaluateParams(Section):
+    name = "evaluate"
+    backend: Literal["pycocotools", "faster_coco_eval"]
+    batch_size: PositiveInt
+    max_detections: PositiveInt
+
+
+S = TypeVar("S", bound=Section)
+
+
+def read_params_file(path: Path = PARAMS) -> dict[str, Any]:
+    """The whole ``params.yaml`` as a dict, or one line saying why it cannot be read."""
     try:
         params = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise PipelineError(f"{path}: not found (run from the repository root)") from None
     except yaml.YAMLError as err:
-        raise PipelineError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(params, dict) or not isinstance(params.get(name), dict):
-        raise PipelineError(f"{path}: missing section '{name}:'")
-    return params[name]
+        raise PipelineError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(params, dict):
+        raise PipelineError(f"{path}: expected a mapping of sections (download:, filter:, ...)")
+    return params
 
 
-def require_choice(section: str, params: dict[str, Any], key: str, choices: list[str]) -> str:
-    """Return ``params[key]`` if it is one of ``choices``, else a clear error."""
-    value = params.get(key)
-    if value not in choices:
-        raise PipelineError(f"params.yaml {section}.{key}: {value!r} is not one of {', '.join(choices)}")
-    return value
+def load(model: type[S], path: Path = PARAMS) -> S:
+    """Parse and validate ``params.yaml``'s section for ``model``; one clear line if anything is off."""
+    params = read_params_file(path)
+    if model.name not in params:
+        near = difflib.get_close_matches(model.name, [str(key) for key in params], n=1)
+        hint = f" (is '{near[0]}:' a typo?)" if near else ""
+        raise PipelineError(f"{path}: missing section '{model.name}:'{hint}")
+    return parse(model, params[model.name], path)
 
 
-def require_positive_int(section: str, params: dict[str, Any], key: str) -> int:
-    """Return ``params[key]`` if it is an integer > 0, else a clear error."""
-    value = params.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise PipelineError(f"params.yaml {section}.{key}: must be a positive integer, got {value!r}")
-    return value
+def parse(model: type[S], values: Any, path: Path = PARAMS) -> S:
+    """Validate one section's values (already read) into ``model``."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as err:
+        raise PipelineError(describe(model, err, path)) from None
+
+
+def describe(model: type[Section], err: ValidationError, path: Path = PARAMS) -> str:
+    """The first problem of ``err`` as ``params.yaml section.key: expected ..., got ...``."""
+    problems = err.errors(include_url=False)
+    # A typo shows up twice, as an unknown key and as the missing one: name the typo.
+    problem = next((p for p in problems if p["type"] == "extra_forbidden"), problems[0])
+    owner, keys = _walk(model, problem["loc"], problem["type"])
+    where = f"{path} {'.'.join([model.name, *keys])}"
+    kind, found = problem["type"], problem.get("input")
+    if kind == "missing":
+        return f"{where}: missing (every key is required; see the comments in {path} for its meaning)"
+    if kind == "extra_forbidden":
+        known = list(owner.model_fields)
+        near = difflib.get_close_matches(keys[-1], known, n=1)
+        suggestion = f"did you mean '{near[0]}'?" if near else f"known keys: {', '.join(known)}"
+        return f"{where}: unknown key; {suggestion}"
+    if kind in ("model_type", "dict_type"):
+        return f"{where}: expected a section of keys ({', '.join(owner.model_fields)}), got {found!r}"
+    field = owner.model_fields.get(keys[-1]) if keys else None
+    described = field is not None and field.description and kind != "value_error"
+    expected = field.description if described else _expected(problem)
+    return f"{where}: expected {expected}, got {found!r}"
+
+
+def _walk(model: type[Section], loc: tuple[Any, ...], kind: str) -> tuple[type[Section], list[str]]:
+    """Follow ``loc`` through nested sections to the key it names (pydantic's union tags dropped)."""
+    owner, keys = model, []
+    for index, part in enumerate(loc):
+        unknown_key = kind == "extra_forbidden" and index == len(loc) - 1
+        if not isinstance(part, str) or (part not in owner.model_fields and not unknown_key):
+            break
+        keys.append(part)
+        annotation = owner.model_fields[part].annotation if part in owner.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, Section)):
+            break
+        owner = annotation
+    return owner, keys
+
+
+def _expected(problem: dict[str, Any]) -> str:
+    """pydantic's own wording, turned around: 'Input should be a valid integer' -> 'a valid integer'."""
+    message = problem["msg"]
+    for prefix in ("Input should be ", "Value error, "):
+        message = message.removeprefix(prefix)
+    return message

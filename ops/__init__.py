@@ -1,0 +1,1 @@
+"""Operator commands: check the DVC remote before a push or pull, tag a release."""

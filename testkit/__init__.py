@@ -1,0 +1,1 @@
+"""Test and demo tooling: the synthetic fixture, its loopback server, a local S3 store, repo copies, the demo."""
