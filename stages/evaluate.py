@@ -2,7 +2,8 @@
 
 (a) the Keras model restored from models/train, fed by Model Maker's own eval pipeline
     over data/cache/val; (b) models/model.tflite run through MediaPipe Tasks'
-    ObjectDetector over the validation images, as the app runs it. Both are scored by
+    ObjectDetector over the validation images, as the app runs it (trafficdet/app.py:
+    letterbox to a square, background denied, boxes clipped to the frame). Both are scored by
     pycocotools' COCOeval (or faster-coco-eval, which gives identical numbers) against
     data/split/val/labels.json. Writes, with dvclive, reports/evaluate/:
     metrics.json                          keras/* and tflite/*: AP ... AR100, val losses,
@@ -10,6 +11,8 @@
     plots/ap/{keras,tflite}.json          per-class AP (bars)
     plots/pr/<model>_<class>.json         precision-recall curve per class (IoU 0.5)
     plots/images/predictions.png          validation images: ground truth and TFLite boxes
+and models/MODEL_CARD.md: the input the app must feed the model (from models/metadata.json)
+and the AP it then gets (this evaluation), per class beside the Keras model's.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from trafficdet.app import AppDetector, read_frame
 from trafficdet.errors import PipelineError, run_stage
-from trafficdet.io import read_json, write_json
+from trafficdet.io import read_json, remove_stale_temps, write_bytes, write_json
+from trafficdet.model_card import render as render_model_card
 from trafficdet.modelmaker import keras_model, load_dataset, preprocessor, quiet_tensorflow, restore_detector
 from trafficdet.params import EvaluateParams, load
-from trafficdet.paths import EVALUATE_LIVE, IMAGE_STORE, MODEL, TRAINED, split_labels
+from trafficdet.paths import EVALUATE_LIVE, IMAGE_STORE, MODEL, MODEL_CARD, MODEL_METADATA, TRAINED, split_labels
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"]
 
@@ -108,30 +113,14 @@ def keras_detections(detector: Any, batch_size: int) -> tuple[list[dict[str, Any
 
 
 def tflite_detections(model: Path, ground_truth: dict[str, Any], image_dir: Path, max_results: int) -> list[dict[str, Any]]:
-    """Detections of the exported file through MediaPipe Tasks, as the app gets them."""
-    import mediapipe as mp
-    from mediapipe.tasks.python import BaseOptions
-    from mediapipe.tasks.python.vision import ObjectDetector, ObjectDetectorOptions
-
+    """Detections of the exported file through MediaPipe Tasks, with the app's pre- and post-processing."""
     ids = {c["name"]: c["id"] for c in ground_truth["categories"]}
-    options = ObjectDetectorOptions(
-        base_options=BaseOptions(model_asset_path=str(model)), max_results=max_results, score_threshold=0.0
-    )
     detections = []
-    with ObjectDetector.create_from_options(options) as detector:
+    with AppDetector(model, max_results=max_results, score_threshold=0.0) as detector:
         for image in ground_truth["images"]:
-            result = detector.detect(mp.Image.create_from_file(str(image_dir / image["file_name"])))
-            for detection in result.detections:
-                box, top = detection.bounding_box, detection.categories[0]
-                if top.category_name not in ids:  # "background"
-                    continue
+            for found in detector.detect(read_frame(image_dir / image["file_name"])):
                 detections.append(
-                    {
-                        "image_id": image["id"],
-                        "category_id": ids[top.category_name],
-                        "score": float(top.score),
-                        "bbox": [float(box.origin_x), float(box.origin_y), float(box.width), float(box.height)],
-                    }
+                    {"image_id": image["id"], "category_id": ids[found.label], "score": found.score, "bbox": list(found.box)}
                 )
     return detections
 
@@ -187,6 +176,9 @@ def evaluate(params: EvaluateParams) -> dict[str, dict[str, Any]]:
     backend = params.backend
     if not MODEL.exists():
         raise PipelineError(f"{MODEL}: missing; run the export stage first")
+    metadata = read_json(MODEL_METADATA)
+    if "input" not in metadata:
+        raise PipelineError(f"{MODEL_METADATA}: no 'input' contract (written by an older export); run the export stage again")
     ground_truth = read_json(split_labels("val"))
     quiet_tensorflow()
 
@@ -202,11 +194,15 @@ def evaluate(params: EvaluateParams) -> dict[str, dict[str, Any]]:
         tflite = coco_evaluate(ground_truth, tflite_dets, backend)
         write_results(live, "tflite", tflite, {})
         live.log_image("predictions.png", prediction_grid(ground_truth, tflite_dets, IMAGE_STORE))
+    card = render_model_card(metadata, keras, tflite, len(ground_truth["images"]), MODEL.stat().st_size)
+    write_bytes(MODEL_CARD, card.encode())
     return {"keras": keras["overall"], "tflite": tflite["overall"]}
 
 
 def main() -> None:
-    results = evaluate(load(EvaluateParams))
+    params = load(EvaluateParams)
+    remove_stale_temps(MODEL_CARD)
+    results = evaluate(params)
     print("evaluate: " + "; ".join(f"{model} AP {r['AP']:.3f} AP50 {r['AP50']:.3f}" for model, r in results.items()))
 
 

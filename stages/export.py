@@ -3,11 +3,13 @@
 Reads models/train (and data/cache/train for int8's representative set, data/split/val/labels.json
 and data/images/ for the latency run); writes
     models/model.tflite    Model Maker's export: TFLite with metadata (labels, anchors, norms)
-    models/metadata.json   what the model is (architecture, labels, quantization, input size)
+    models/metadata.json   what the model is (architecture, labels, quantization, input size),
+                           what the app must feed it ("input": trafficdet/app.py's contract)
                            and the TFLite metadata as JSON
     models/labels.txt      one class name per line, in the model's output order
     reports/export.json    file size (DVC metrics)
-    reports/timing/export.json  CPU latency through MediaPipe Tasks (a measurement of this machine)
+    reports/timing/export.json  CPU latency of the app's detection: letterbox + MediaPipe Tasks
+                           (a measurement of this machine)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trafficdet.app import INPUT_CONTRACT, AppDetector, read_frame
 from trafficdet.architectures import ARCHITECTURES
 from trafficdet.errors import run_stage
 from trafficdet.io import read_json, remove_stale_temps, write_bytes, write_json
@@ -50,20 +53,15 @@ def quantization_config(kind: str, representative_steps: int):
 
 
 def measure_latency(model: Path, images: list[Path], repeats: int) -> dict[str, float]:
-    """Median per-image CPU latency of MediaPipe Tasks' ObjectDetector on ``images``."""
-    import mediapipe as mp
-    from mediapipe.tasks.python import BaseOptions
-    from mediapipe.tasks.python.vision import ObjectDetector, ObjectDetectorOptions
-
-    options = ObjectDetectorOptions(base_options=BaseOptions(model_asset_path=str(model)), max_results=100, score_threshold=0.0)
-    decoded = [mp.Image.create_from_file(str(path)) for path in images]
-    with ObjectDetector.create_from_options(options) as detector:
-        detector.detect(decoded[0])  # warm-up
+    """Median per-frame CPU latency of the app's detection (letterbox + MediaPipe Tasks) on ``images``."""
+    frames = [read_frame(path) for path in images]
+    with AppDetector(model, max_results=100, score_threshold=0.0) as detector:
+        detector.detect(frames[0])  # warm-up
         times = []
         for _ in range(repeats):
-            for image in decoded:
+            for frame in frames:
                 start = time.perf_counter()
-                detector.detect(image)
+                detector.detect(frame)
                 times.append((time.perf_counter() - start) * 1000)
     return {"latency_ms": round(statistics.median(times), 2), "latency_runs": len(times)}
 
@@ -88,6 +86,7 @@ def export(params: ExportParams, out_model: Path = MODEL) -> dict[str, Any]:
             "name": "traffic-detector",
             "architecture": summary["architecture"],
             "input_size": [arch.input_size, arch.input_size, 3],
+            "input": INPUT_CONTRACT,  # what the app must do to a frame (trafficdet/app.py); expected AP: MODEL_CARD.md
             "quantization": kind,
             "labels": summary["labels"],  # output order: index 0 is background
             "trained_epochs": summary["epochs"],

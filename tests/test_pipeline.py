@@ -65,6 +65,13 @@ def test_repro_end_to_end(tiny_pipeline: PipelineRun) -> None:
         assert set(metrics[name]["per_class"]) == set(classes)
         assert all(-1 <= metrics[name][m] <= 1 for m in METRICS)
     assert "val_total_loss" in metrics["keras"]
+    # What the app must feed the model (metadata) and what it then gets (the card, from this evaluation).
+    contract = json.loads((repo / "models/metadata.json").read_text())["input"]
+    assert contract["geometry"] == "letterbox" and contract["options"]["category_denylist"] == ["background"]
+    card = (repo / "models/MODEL_CARD.md").read_text()
+    assert "top-left corner" in card and "category_denylist=['background']" in card
+    tflite_row = next(line for line in card.splitlines() if line.startswith("| TFLite, as the app runs it"))
+    assert tflite_row.split("|")[2].strip() == f"{metrics['tflite']['AP']:.3f}"
     export = shown[""]["data"]["reports/export.json"]["data"]
     assert export["size_bytes"] == model.stat().st_size
     assert shown[""]["data"]["reports/timing/export.json"]["data"]["latency_ms"] > 0

@@ -50,6 +50,7 @@ EXPORT_REPORT = Path("reports/export.json")
 
 # evaluate
 EVALUATE_LIVE = Path("reports/evaluate")
+MODEL_CARD = Path("models/MODEL_CARD.md")  # the app's input contract and the expected AP
 
 # Measurements of the machine that ran a stage (seconds, images/s, latency): the only outputs
 # that are not a function of the declared inputs, kept apart so that every other output is.

@@ -1,0 +1,119 @@
+"""What the app must do around the model: the input contract, and detection the way the app runs it.
+
+Model Maker trains and evaluates on letterboxed images: the frame scaled to fit the
+model's square input with its aspect ratio kept, placed top-left, the rest filled with
+the normalisation mean (0 after normalising, pixel value 127.5). MediaPipe Tasks'
+ObjectDetector instead stretches whatever frame it is given to the model's size. So the
+app pads each frame to a max(W, H) square first (image top-left, grey 128): Tasks'
+stretch of that square is then the letterbox the model was trained on, and since the
+image sits at the origin its boxes come back in the frame's own pixels (clip them to
+the frame). Measured on the demo model: see docs/app.md.
+
+``background`` is one of the model's scored classes; Tasks keeps one class per anchor,
+so the app denies it (``category_denylist``) to get each anchor's best real class.
+
+Evaluation, export's latency run, the benchmarks and the tests all detect through
+``AppDetector``, so the reported AP is the app's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+PAD_VALUE = 128  # grey: the model's normalisation mean (127.5), what Model Maker's letterbox pads with
+CATEGORY_DENYLIST = ("background",)
+
+# What models/metadata.json tells the app developer (and the model card repeats).
+INPUT_CONTRACT = {
+    "color": "RGB, 8 bits per channel",
+    "geometry": "letterbox",
+    "letterbox": (
+        "pad each frame to a square of side max(width, height): frame at the top-left corner, "
+        f"the rest filled with RGB ({PAD_VALUE}, {PAD_VALUE}, {PAD_VALUE}); no resizing (MediaPipe Tasks resizes)"
+    ),
+    "pad_value": [PAD_VALUE] * 3,
+    "runtime": "MediaPipe Tasks ObjectDetector (mediapipe 0.10.21), running_mode IMAGE/VIDEO/LIVE_STREAM",
+    "options": {"category_denylist": list(CATEGORY_DENYLIST)},
+    "boxes": "in the padded square's pixels, which are the frame's pixels: clip them to the frame (width x height)",
+}
+
+
+def letterbox(frame: np.ndarray, fill: int = PAD_VALUE) -> np.ndarray:
+    """``frame`` (H x W x 3, uint8) padded to a max(H, W) square, frame top-left, the rest ``fill``."""
+    height, width = frame.shape[:2]
+    side = max(height, width)
+    if height == width:
+        return np.ascontiguousarray(frame)
+    square = np.full((side, side, frame.shape[2]), fill, dtype=frame.dtype)
+    square[:height, :width] = frame
+    return square
+
+
+def clip_box(x: float, y: float, w: float, h: float, width: int, height: int) -> tuple[float, float, float, float] | None:
+    """A box (x, y, w, h) clipped to a ``width`` x ``height`` frame; None if nothing of it is inside."""
+    x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return x0, y0, x1 - x0, y1 - y0
+
+
+def read_frame(path: Path) -> np.ndarray:
+    """An image file as an H x W x 3 uint8 RGB array, as a camera frame would arrive."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detection in frame pixels: its best non-background class and score, box as (x, y, w, h)."""
+
+    label: str
+    score: float
+    box: tuple[float, float, float, float]
+
+
+class AppDetector:
+    """MediaPipe Tasks' ObjectDetector behind the app's pre- and post-processing (a context manager)."""
+
+    def __init__(self, model: Path, max_results: int = 100, score_threshold: float = 0.0) -> None:
+        from mediapipe.tasks.python import BaseOptions
+        from mediapipe.tasks.python.vision import ObjectDetector, ObjectDetectorOptions
+
+        options = ObjectDetectorOptions(
+            base_options=BaseOptions(model_asset_path=str(model)),
+            max_results=max_results,
+            score_threshold=score_threshold,
+            category_denylist=list(CATEGORY_DENYLIST),
+        )
+        self._detector: Any = ObjectDetector.create_from_options(options)
+
+    def __enter__(self) -> AppDetector:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._detector.close()
+
+    def detect(self, frame: np.ndarray) -> list[Detection]:
+        """Detections in ``frame`` (H x W x 3 uint8 RGB): letterbox, Tasks, boxes clipped to the frame."""
+        import mediapipe as mp
+
+        height, width = frame.shape[:2]
+        square = mp.Image(image_format=mp.ImageFormat.SRGB, data=letterbox(frame))
+        detections = []
+        for found in self._detector.detect(square).detections:
+            box, top = found.bounding_box, found.categories[0]
+            clipped = clip_box(box.origin_x, box.origin_y, box.width, box.height, width, height)
+            if clipped is not None:  # a box wholly in the padding
+                detections.append(Detection(top.category_name, float(top.score), clipped))
+        return detections

@@ -1,0 +1,69 @@
+"""models/MODEL_CARD.md: what the app must feed the shipped model, and the AP it should then get.
+
+Written by the evaluate stage (the expected AP is only known after evaluation) from what
+export declared in models/metadata.json and what evaluate measured; nothing else goes in,
+so the card is a function of the stage's declared deps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+OVERALL = ("AP", "AP50", "AP75", "AR100")
+
+
+def _number(value: float) -> str:
+    return "n/a" if value < 0 else f"{value:.3f}"  # -1: no such object in the validation set
+
+
+def render(metadata: dict[str, Any], keras: dict[str, Any], tflite: dict[str, Any], val_images: int, size_bytes: int) -> str:
+    """The card as Markdown; ``keras`` / ``tflite`` are ``coco_evaluate`` results."""
+    contract = metadata["input"]
+    side = metadata["input_size"][0]
+    classes = [label for label in metadata["labels"] if label != "background"]
+    lines = [
+        f"# {metadata['name']}: model card",
+        "",
+        "Written by the evaluate stage from models/metadata.json and the evaluation below; do not edit.",
+        "",
+        "## The model",
+        "",
+        f"- File: models/model.tflite ({size_bytes / 2**20:.2f} MB), {metadata['quantization']}, "
+        f"TFLite with MediaPipe metadata (labels, anchors, normalisation)",
+        f"- Architecture: {metadata['architecture']} SSD, input {side} x {side} RGB, start point: {metadata['init']}, "
+        f"{metadata['trained_epochs']} epochs",
+        f"- Classes ({len(classes)}): {', '.join(classes)} (output index 0 is `background`)",
+        "",
+        "## What the app must feed it",
+        "",
+        "1. An RGB frame, 8 bits per channel, of any size W x H.",
+        f"2. Pad it to a square of side max(W, H): the frame at the top-left corner, the rest filled with "
+        f"RGB ({', '.join(str(v) for v in contract['pad_value'])}). Do not resize or centre it: MediaPipe Tasks "
+        f"resizes the square to {side} x {side}, which reproduces the letterbox the model was trained on.",
+        f"3. Run it through MediaPipe Tasks' ObjectDetector with "
+        f"`category_denylist={contract['options']['category_denylist']}`; pick your own `score_threshold`.",
+        "4. Boxes come back in the square's pixels, which are the frame's pixels (the frame sits at the origin): "
+        "clip them to W x H and drop any left empty.",
+        "",
+        "Reference implementation: `trafficdet/app.py` (`letterbox`, `AppDetector`). Feeding the raw frame "
+        "instead (Tasks then stretches it) costs accuracy: see docs/app.md.",
+        "",
+        "## Expected accuracy",
+        "",
+        f"COCO metrics on the {val_images} validation images (data/split/val), the TFLite file run exactly as above; "
+        "the Keras model beside it is the trained float model in Model Maker's own pipeline.",
+        "",
+        "| | " + " | ".join(OVERALL) + " |",
+        "| --- |" + " ---: |" * len(OVERALL),
+        "| TFLite, as the app runs it | " + " | ".join(_number(tflite["overall"][m]) for m in OVERALL) + " |",
+        "| Keras (float, Model Maker) | " + " | ".join(_number(keras["overall"][m]) for m in OVERALL) + " |",
+        "",
+        "| class | TFLite AP | Keras AP | TFLite AP50 | Keras AP50 |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name in classes:
+        ours, theirs = tflite["per_class"][name], keras["per_class"][name]
+        lines.append(
+            f"| {name} | {_number(ours['AP'])} | {_number(theirs['AP'])} | {_number(ours['AP50'])} | {_number(theirs['AP50'])} |"
+        )
+    return "\n".join(lines) + "\n"
