@@ -29,6 +29,7 @@ from trafficdet.distribute import (
     auto_shard_options,
     check_batches,
     check_same_start,
+    discard_worker_outputs,
     make_strategy,
     plan_distribution,
     restored_epochs,
@@ -190,7 +191,9 @@ def train(params: TrainParams) -> dict[str, Any]:
         return {**summary, "seconds": round(time.perf_counter() - started, 1)}
     finally:
         if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+            kept = discard_worker_outputs(scratch, plan.task)
+            if kept is not None:
+                print(f"train: {plan.task} kept its copy of {TRAINED} in {kept}")
 
 
 def main() -> None:

@@ -13,15 +13,16 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from stages.train import validate
 from testkit.repo_copy import ROOT
-from tests.conftest import run, stage_env
+from tests.conftest import PipelineRun, run, stage_env
 from tests.test_pipeline import set_param
 from tests.test_training import cached_repo, checkpoint_values, copy_of  # noqa: F401  (cached_repo is a fixture)
-from trafficdet.distribute import plan_distribution
+from trafficdet.distribute import KEEP_WORKER_OUTPUTS, plan_distribution
 from trafficdet.errors import PipelineError
 from trafficdet.params import TrainParams, parse
 
@@ -192,22 +193,70 @@ def test_missing_tf_config_is_one_line_before_tensorflow(tmp_path: Path) -> None
     assert "tensorflow imported: False" in result.stdout
 
 
-def assert_valid_training(repo: Path) -> dict:
-    """A float checkpoint with every tensor finite, and train.json's summary (returned)."""
-    import numpy as np
+def float_weights(prefix: Path) -> dict[str, np.ndarray]:
+    """Every float tensor of a checkpoint (kernels, biases, BatchNorm parameters and statistics)."""
+    return {
+        name: value
+        for name, value in checkpoint_values(prefix).items()
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f"
+    }
 
+
+def distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray], names: list[str] | None = None) -> float:
+    """L2 norm of the difference of two checkpoints over ``names`` (default: all their tensors)."""
+    return math.sqrt(sum(float(np.sum((a[n].astype(np.float64) - b[n]) ** 2)) for n in names or list(a)))
+
+
+def init_weights(repo: Path) -> dict[str, np.ndarray]:
+    """The starting checkpoint the train stage kept in models/train/init (same layout as float_ckpt)."""
+    (index,) = (repo / "models/train/init").glob("*.index")
+    return float_weights(index.with_suffix(""))
+
+
+# A run must move its convolution kernels (all 87 together) by at least this fraction of their
+# initial norm. Measured after one epoch of the tiny config (8 steps from the scratch init, one
+# device): 0.126. Weight decay alone (l2 3e-5, no gradient) would move them ~1e-6.
+MIN_KERNEL_MOVE = 0.02
+
+
+def assert_valid_training(repo: Path) -> dict:
+    """Finite losses, a float checkpoint with every tensor finite that moved away from its init; train.json's summary."""
     summary = json.loads((repo / "models/train/train.json").read_text())
     assert (
         summary["epochs"] == 1
         and math.isfinite(summary["final"]["total_loss"])
         and math.isfinite(summary["final"]["val_total_loss"])
     )
-    weights = checkpoint_values(repo / "models/train/float_ckpt")
+    weights = float_weights(repo / "models/train/float_ckpt")
     assert len(weights) > 100
-    assert all(
-        np.isfinite(value).all() for value in weights.values() if isinstance(value, np.ndarray) and value.dtype.kind == "f"
-    )
+    assert all(np.isfinite(value).all() for value in weights.values())
+    init = init_weights(repo)
+    assert init.keys() == weights.keys()
+    kernels = [name for name in weights if "kernel" in name]
+    zero = dict.fromkeys(kernels, np.zeros(1))
+    moved = distance(weights, init, kernels) / distance(init, zero, kernels)
+    assert len(kernels) > 50 and moved > MIN_KERNEL_MOVE, f"{len(kernels)} kernels moved {moved:.4f} of their initial norm"
     return summary
+
+
+# A multi-replica run and a one-device run of the same global batches should end at nearly the
+# same weights: |w_run - w_one| / |w_one - w_init| below this. Measured after the tiny config's
+# one epoch (8 steps): 0.121 for 2 CPU replicas (mirrored) and for 2 workers alike. The gap is
+# there after one step: on one fixed batch of 8 from the same weights, 2 replicas' update was
+# 0.9995x as long as one device's, relative difference 0.10 (bench/experiment_replica_step.py;
+# it enters through the synchronized BatchNorm's backward pass, see trafficdet/modelmaker.py
+# create_model). What this bound catches: replicas' gradients summed without rescaling take
+# twice the step (measured 1.98x), a gap of about 1.
+MAX_REPLICA_GAP = 0.3
+
+
+def replica_gap(trained: Path, one_device: Path) -> float:
+    """How far ``trained``'s weights are from the one-device run's, relative to how far that run moved from the init."""
+    ours, theirs = float_weights(trained / "models/train/float_ckpt"), float_weights(one_device / "models/train/float_ckpt")
+    init = init_weights(one_device)
+    assert init_weights(trained).keys() == init.keys()
+    assert all(np.array_equal(init[name], value) for name, value in init_weights(trained).items()), "different inits"
+    return distance(ours, theirs) / distance(theirs, init)
 
 
 def free_ports(count: int) -> list[int]:
@@ -220,14 +269,14 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def start_workers(repos: list[Path], commands: list[list[str]]) -> list[subprocess.Popen]:
-    """One process per worker of a cluster on 127.0.0.1, worker ``i`` in ``repos[i]``."""
+def start_workers(repos: list[Path], commands: list[list[str]], env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    """One process per worker of a cluster on 127.0.0.1, worker ``i`` in ``repos[i]``, with ``env`` added."""
     ports = free_ports(len(repos))
     return [
         subprocess.Popen(
             command,
             cwd=repo,
-            env={**stage_env(), "TF_CONFIG": tf_config(index, ports)},
+            env={**stage_env(**(env or {})), "TF_CONFIG": tf_config(index, ports)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -261,13 +310,15 @@ def two_workers(
     Tracing the model is single-threaded Python for most of a run, so on a 2-core machine
     the mirrored test runs beside it: measured 187 s for both, against 158 s + 130 s one
     after the other.
-    Worker 0 (the chief) runs `dvc repro train`, worker 1 `python -m stages.train`.
+    Worker 0 (the chief) runs `dvc repro train`, worker 1 `python -m stages.train` and keeps
+    its copy of models/train in ``<cluster>/kept/worker1`` (KEEP_WORKER_OUTPUTS) to be compared.
     """
     root = tmp_path_factory.mktemp("cluster")
     repos = [copy_of(cached_repo, root / f"worker{index}") for index in range(2)]
     for repo in repos:
         set_param(repo, "train", "distribution_strategy", "multi_worker_mirrored")
-    workers = start_workers(repos, [["dvc", "repro", "train"], [sys.executable, "-m", "stages.train"]])
+    commands = [["dvc", "repro", "train"], [sys.executable, "-m", "stages.train"]]
+    workers = start_workers(repos, commands, {KEEP_WORKER_OUTPUTS: str(root / "kept")})
     yield repos, workers
     for worker in workers:
         if worker.poll() is None:
@@ -279,6 +330,7 @@ def two_workers(
 def test_mirrored_over_two_cpu_replicas(
     cached_repo: Path,  # noqa: F811
     two_workers: tuple[list[Path], list[subprocess.Popen]],  # started first: they train while this test does
+    tiny_pipeline: PipelineRun,
     tmp_path: Path,
 ) -> None:
     repo = copy_of(cached_repo, tmp_path / "repo")
@@ -292,11 +344,14 @@ def test_mirrored_over_two_cpu_replicas(
     assert [device.rsplit("/", 1)[-1] for device in where["devices"]] == ["device:CPU:0", "device:CPU:1"]
     assert summary["final"]["steps"] == TRAIN_SIZE // 4  # global batches of 4: 2 images per replica
     assert summary["val_images"] == 4  # whole batches only: a partial one could leave a replica empty
+    # The session's tiny run trained the same data with the same params on one device.
+    gap = replica_gap(repo, tiny_pipeline.repo)
+    assert gap < MAX_REPLICA_GAP, f"2 replicas ended {gap:.4f} of the one-device update away from it"
 
 
 @pytest.mark.slow
-def test_two_workers_on_loopback(two_workers: tuple[list[Path], list[subprocess.Popen]]) -> None:
-    """Both workers finish; only the chief wrote the stage's outputs, and they are valid."""
+def test_two_workers_on_loopback(two_workers: tuple[list[Path], list[subprocess.Popen]], tiny_pipeline: PipelineRun) -> None:
+    """Both workers finish with the same weights; only the chief wrote the stage's outputs, and they are valid."""
     repos, workers = two_workers
     results = finish_workers(workers)
     for index, (code, out, err) in enumerate(results):
@@ -315,6 +370,16 @@ def test_two_workers_on_loopback(two_workers: tuple[list[Path], list[subprocess.
     for path in ("models/train", "models/train_state", "reports/train"):
         assert not (other / path).exists(), path
     assert not list((other / "data/.tmp").iterdir()), "the worker's scratch copy should be gone"
+
+    # Worker 1 kept its copy of models/train (KEEP_WORKER_OUTPUTS): the same weights, bit for bit.
+    kept = other.parent / "kept/worker1"
+    assert f"kept its copy of models/train in {kept}" in results[1][1]
+    chief_weights, other_weights = float_weights(chief / "models/train/float_ckpt"), float_weights(kept / "float_ckpt")
+    assert chief_weights.keys() == other_weights.keys()
+    differ = [name for name in chief_weights if not np.array_equal(chief_weights[name], other_weights[name])]
+    assert not differ, f"{len(differ)} tensors differ between the workers, e.g. {differ[:3]}"
+    gap = replica_gap(chief, tiny_pipeline.repo)
+    assert gap < MAX_REPLICA_GAP, f"2 workers ended {gap:.4f} of the one-device update away from it"
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,10 @@ from typing import Any
 from trafficdet.errors import PipelineError
 from trafficdet.params import TrainParams
 from trafficdet.paths import TRAIN_STATE
+
+# A folder where a non-chief worker keeps its copy of models/train instead of deleting it, to check
+# that the workers trained in step (the test does). Unset: the copy is deleted, as the chief's is the output.
+KEEP_WORKER_OUTPUTS = "TRAFFICDET_KEEP_WORKER_OUTPUTS"
 
 TF_CONFIG_EXAMPLE = (
     'TF_CONFIG=\'{"cluster": {"worker": ["host0:2222", "host1:2222"]}, "task": {"type": "worker", "index": 0}}\' '
@@ -194,3 +199,17 @@ def check_same_start(strategy: Any, epochs_done: int) -> None:
             f"every worker must see the chief's {TRAIN_STATE} (one repository on a shared folder), "
             "or delete it on the chief to start over"
         )
+
+
+def discard_worker_outputs(scratch: Path, task: str) -> Path | None:
+    """Delete a non-chief worker's scratch folder; with $TRAFFICDET_KEEP_WORKER_OUTPUTS set, first move its
+    models/train copy to ``<that folder>/<task>`` and return where it went."""
+    keep = os.environ.get(KEEP_WORKER_OUTPUTS, "").strip()
+    kept = None
+    if keep and (scratch / "train").is_dir():
+        kept = Path(keep) / task.replace(" ", "")
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.move(scratch / "train", kept)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return kept
