@@ -37,10 +37,11 @@ test: $(DEV_STAMP)  ## run the test suite, offline (fixture and S3 store on 127.
 lint: $(DEV_STAMP)  ## ruff check and format check
 	ruff check . && ruff format --check .
 
-bench: $(DEV_STAMP)  ## run bench/ (results in bench/out/, figures in BENCHMARKS.md)
+bench: $(DEV_STAMP)  ## run bench/ (results in bench/out/, figures in BENCHMARKS.md); the last two need `make demo` first
 	$(BIN)/python bench/bench_filter.py
 	$(BIN)/python bench/bench_images.py
 	$(BIN)/python bench/bench_evaluate.py
+	$(BIN)/python bench/bench_app_input.py
 	$(BIN)/python bench/bench_tflite.py
 
 demo: $(STAMP)  ## the whole pipeline offline on synthetic street scenes (about 10 min)

@@ -117,7 +117,7 @@ def main() -> None:
         **{f"AP50_{name}": keras_metrics["per_class"][name]["AP50"] for name in LARGE_CLASSES},
         "per_class": keras_metrics["per_class"],
     }
-    results = {"keras (Model Maker letterbox pipeline)": keras}
+    results = {"keras (the evaluate stage's)": keras}
     for geometry in GEOMETRIES:
         for deny in (False, True):
             name = f"tflite: {geometry}, background {'denied' if deny else 'allowed'}"

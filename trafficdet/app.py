@@ -56,8 +56,8 @@ def letterbox(frame: np.ndarray, fill: int = PAD_VALUE) -> np.ndarray:
 
 def clip_box(x: float, y: float, w: float, h: float, width: int, height: int) -> tuple[float, float, float, float] | None:
     """A box (x, y, w, h) clipped to a ``width`` x ``height`` frame; None if nothing of it is inside."""
-    x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-    x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    x0, y0 = float(min(max(x, 0), width)), float(min(max(y, 0), height))
+    x1, y1 = float(min(max(x + w, 0), width)), float(min(max(y + h, 0), height))
     if x1 <= x0 or y1 <= y0:
         return None
     return x0, y0, x1 - x0, y1 - y0

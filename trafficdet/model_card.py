@@ -31,7 +31,7 @@ def render(metadata: dict[str, Any], keras: dict[str, Any], tflite: dict[str, An
         f"- File: models/model.tflite ({size_bytes / 2**20:.2f} MB), {metadata['quantization']}, "
         f"TFLite with MediaPipe metadata (labels, anchors, normalisation)",
         f"- Architecture: {metadata['architecture']} SSD, input {side} x {side} RGB, start point: {metadata['init']}, "
-        f"{metadata['trained_epochs']} epochs",
+        f"{metadata['trained_epochs']} epoch{'s' if metadata['trained_epochs'] != 1 else ''}",
         f"- Classes ({len(classes)}): {', '.join(classes)} (output index 0 is `background`)",
         "",
         "## What the app must feed it",
