@@ -29,11 +29,14 @@ from trafficdet.paths import CACHE, IMAGE_STORE
 def quiet_tensorflow() -> None:
     """Silence TensorFlow's known start-up noise; call before importing it.
 
-    On a CPU-only machine TF 2.15 logs cuDNN/cuFFT/cuBLAS "registration" errors and a
-    missing-GPU warning at import (C++ log level 2 hides them), and its Python deps emit
-    deprecation warnings nobody here can act on. Temp dirs go to ``data/.tmp/<pid>``.
+    TF 2.15 logs cuDNN/cuFFT/cuBLAS "Unable to register ... factory" at ERROR level on
+    every import (a known duplicate-registration bug, tensorflow#62075, harmless), so only
+    C++ level 3 (FATAL) hides them; real failures still reach Python as exceptions. Its
+    Python deps emit deprecation warnings nobody here can act on, and Keras warns
+    "Gradients do not exist" for Model Maker's unused head variables every step.
+    Temp dirs go to ``data/.tmp/<pid>``.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     private_tmpdir()
     for category in (DeprecationWarning, FutureWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
@@ -74,12 +77,16 @@ def cache_record(side: str, root: Path = CACHE) -> dict[str, Any]:
 
 def load_dataset(side: str, root: Path = CACHE):  # -> object_detector.Dataset
     """Open the cache stage's TFRecords for ``side`` (no images needed)."""
+    import tensorflow as tf
     from mediapipe_model_maker.python.core.data.cache_files import TFRecordCacheFiles
     from mediapipe_model_maker.python.vision.object_detector.dataset import Dataset
 
     record = cache_record(side, root)
     files = TFRecordCacheFiles(record["cache_prefix_filename"], str(root / side), record["num_shards"])
-    return Dataset.from_cache(files)
+    data = Dataset.from_cache(files)
+    # TFRecords have no known length; saying it lets Keras show "n/N" steps from the first epoch on.
+    data._dataset = data._dataset.apply(tf.data.experimental.assert_cardinality(data._size))
+    return data
 
 
 def model_spec(architecture: str, checkpoint_dir: Path):
