@@ -187,7 +187,7 @@ def check_split(classes_of: dict[int, set[int]], val_fraction: float, seed: int)
     return val
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)  # the same examples every run: a stable suite
 @given(datasets(2, 12))
 def test_stratified_split_small_datasets_exactly(case) -> None:
     """N <= 12: every class of 2+ images is on both sides whenever any split of that size allows it (brute force)."""
@@ -197,7 +197,7 @@ def test_stratified_split_small_datasets_exactly(case) -> None:
         assert both_sides_missing(classes_of, val) == []
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, derandomize=True)
 @given(datasets(13, 300))
 def test_stratified_split_larger_datasets(case) -> None:
     """N up to 300: whenever an exact solver finds a split of that size with every class of 2+ images on both
