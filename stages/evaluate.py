@@ -35,7 +35,10 @@ METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"]
 def coco_evaluate(ground_truth: dict[str, Any], detections: list[dict[str, Any]], backend: str = "pycocotools") -> dict[str, Any]:
     """COCO bbox metrics, overall and per class, with the per-class PR curves at IoU 0.5.
 
-    -1 means undefined, as in pycocotools (e.g. APs when there are no small objects).
+    -1 means undefined, as in pycocotools (e.g. APs when there are no small objects). The
+    ground truth goes to COCOeval as it is: its ``iscrowd: 1`` regions make detections
+    matched to them ignored (neither true nor false positives), its ``area`` sets the
+    small/medium/large ranges.
     """
     if backend == "faster_coco_eval":
         from faster_coco_eval import COCO
@@ -54,6 +57,10 @@ def coco_evaluate(ground_truth: dict[str, Any], detections: list[dict[str, Any]]
     with contextlib.redirect_stdout(io.StringIO()):  # both libraries print as they go
         gt = COCO()
         gt.dataset = copy.deepcopy(ground_truth)
+        # COCOeval records a match by the ground truth's id and reads id 0 as "no match": a
+        # labels.json numbering annotations from 0 would score its first box as missed.
+        for number, ann in enumerate(gt.dataset["annotations"], start=1):
+            ann["id"] = number
         gt.createIndex()
         dt = gt.loadRes(copy.deepcopy(detections))
         evaluator = COCOeval(gt, dt, "bbox")
@@ -139,7 +146,7 @@ def tflite_detections(model: Path, ground_truth: dict[str, Any], image_dir: Path
 def prediction_grid(
     ground_truth: dict[str, Any], detections: list[dict[str, Any]], image_dir: Path, count: int = 8, min_score: float = 0.3
 ):
-    """A 4-wide grid of validation images: ground truth in green, predictions in red."""
+    """A 4-wide grid of validation images: ground truth in green (crowd regions in yellow), predictions in red."""
     from PIL import Image, ImageDraw
 
     names = {c["id"]: c["name"] for c in ground_truth["categories"]}
@@ -151,7 +158,7 @@ def prediction_grid(
         for ann in ground_truth["annotations"]:
             if ann["image_id"] == image["id"]:
                 x, y, w, h = ann["bbox"]
-                draw.rectangle([x, y, x + w, y + h], outline=(0, 220, 0), width=2)
+                draw.rectangle([x, y, x + w, y + h], outline=(230, 200, 0) if ann.get("iscrowd") else (0, 220, 0), width=2)
         for det in detections:
             if det["image_id"] == image["id"] and det["score"] >= min_score:
                 x, y, w, h = det["bbox"]

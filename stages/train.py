@@ -60,6 +60,22 @@ def validate(params: TrainParams, train_size: int, val_size: int) -> Distributio
     return plan
 
 
+def leakage_warning(params: TrainParams, val_record: dict[str, Any]) -> str | None:
+    """One line when a COCO-trained start point is validated on COCO train2017 images it was trained on.
+
+    Model Maker's checkpoints (``train.init: pretrained``) were trained on COCO train2017; the
+    cache stage records where the validation images come from.
+    """
+    seen = val_record.get("origins", {}).get("train2017", 0)
+    if params.init != "pretrained" or not seen:
+        return None
+    return (
+        f"train: warning: {seen} of {val_record['size']} validation images are from COCO train2017, which the pretrained "
+        f"{params.architecture} checkpoint was trained on: validation loss and AP are optimistic and not comparable "
+        "with published COCO figures (split.method: coco validates on val2017 only)"
+    )
+
+
 def init_checkpoint(params: TrainParams, num_classes: int, out: Path) -> None:
     """Put the starting checkpoint in ``out``: the downloaded one, or a seeded scratch one."""
     if params.init == "pretrained":
@@ -105,8 +121,11 @@ def prepare_state(state_id: str, scratch: Path | None, state_dir: Path) -> Path:
 def train(params: TrainParams) -> dict[str, Any]:
     """Train (resuming if a matching state exists) and write models/train atomically (on the chief only)."""
     # Config: everything checkable is checked before TensorFlow starts.
-    train_info = mm.cache_record("train")
-    plan = validate(params, train_info["size"], mm.cache_record("val")["size"])
+    train_info, val_info = mm.cache_record("train"), mm.cache_record("val")
+    plan = validate(params, train_info["size"], val_info["size"])
+    warning = leakage_warning(params, val_info)
+    if warning and plan.chief:
+        print(warning, flush=True)
     mm.quiet_tensorflow()
     import tensorflow as tf
 

@@ -100,7 +100,7 @@ class PipelineRun:
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory, fixture_tree) -> PipelineRun:
-    """The whole pipeline once on the tiny config, incrementally: data half, no-op, split change, model half.
+    """The whole pipeline once on the tiny config, incrementally: data half, no-op, split param change, model half.
 
     Session-wide because a full run costs minutes: the pipeline test checks it, the
     remote and experiment tests start from copies of it.

@@ -40,7 +40,7 @@ def test_relabel_overlay_and_its_off_switch(fixture_tree, server: FixtureServer)
     _, manifest = fixture_tree
     download.download_relabel(f"{server.url}/{RELABEL_ZIP}", manifest["checksums"][RELABEL_ZIP], FAST)
     names = sorted(p.name for p in Path("data/raw/relabel").iterdir())
-    assert names == ["instances_trainTraffic.json", "instances_valTraffic.json", "manifest.json"]
+    assert names == ["instances_train_traffic.json", "instances_val_traffic.json", "manifest.json"]
     download.download_relabel("", "", FAST)
     assert [p.name for p in Path("data/raw/relabel").iterdir()] == ["manifest.json"]
 

@@ -70,10 +70,22 @@ def test_own_dataset_flows_through_filter_images_split(tmp_path: Path, monkeypat
         source = tmp_path / "coco"
     download.import_own_dataset(kind, source)
     download.download_relabel("", "", RetryPolicy())
-    params = FilterParams(classes=["car", "bus"], include_all=[], images_per_class="all", seed=0, drop_crowd=True, min_box_side=1)
+    params = FilterParams(
+        classes=["car", "bus"],
+        include_all=[],
+        keep_all_from=["val2017"],  # the params.yaml default: no effect on your own data
+        images_per_class="all",
+        seed=0,
+        unrelabelled_lights="exclude",
+        min_box_side=1,
+    )
     files = sorted(Path("data/raw/annotations").glob("instances_*.json"))
     coco, _, report = filter_stage.filter_dataset(files, filter_stage.relabel_files(), params)
-    assert report["classes"] == {"car": {"images": 6, "annotations": 6}, "bus": {"images": 4, "annotations": 4}}
+    assert report["classes"] == {
+        "car": {"images": 6, "annotations": 6, "crowd_regions": 0},
+        "bus": {"images": 4, "annotations": 4, "crowd_regions": 0},
+    }
+    assert report["origins"] == {"own": 10}
     results = images.fetch_per_image(coco["images"], Path("data/images"), "", 2, RetryPolicy())
     assert not any(results.values())
     _sides, split_report = split.split_dataset(coco, set(results), "stratified", 0.2, 0)

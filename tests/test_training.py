@@ -159,3 +159,37 @@ for momentum in (None, 0.9):
     )
     # one update moves the moving mean by (1 - momentum) of the gap: 10x further at 0.9 than at 0.99
     assert 8 < float(moved["0.9"]) / float(moved["None"]) < 12
+
+
+def test_a_coco_trained_start_validated_on_train2017_images_prints_one_warning(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Model Maker's checkpoints were trained on COCO train2017: validating on those images flatters AP."""
+    from stages import train as train_stage
+    from trafficdet.params import TrainParams, parse
+
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["train"]
+    records = {
+        "train": {"size": 40, "num_shards": 1, "origins": {"train2017": 40}},
+        "val": {"size": 10, "num_shards": 1, "origins": {"train2017": 6, "val2017": 4}},
+    }
+    monkeypatch.setattr(train_stage.mm, "cache_record", lambda side: records[side])
+
+    class StopError(Exception):
+        pass
+
+    def stop() -> None:
+        raise StopError
+
+    monkeypatch.setattr(train_stage.mm, "quiet_tensorflow", stop)  # the warning comes before any TensorFlow work
+    with pytest.raises(StopError):
+        train_stage.train(parse(TrainParams, {**base, "init": "pretrained"}))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train: warning: 6 of 10 validation images are from COCO train2017")
+    assert "optimistic" in lines[0]
+
+    for init, origins in (("scratch", {"train2017": 6, "val2017": 4}), ("pretrained", {"val2017": 10})):
+        records["val"]["origins"] = origins
+        with pytest.raises(StopError):
+            train_stage.train(parse(TrainParams, {**base, "init": init}))
+        assert capsys.readouterr().out == ""

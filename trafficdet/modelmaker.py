@@ -22,7 +22,7 @@ from typing import Any
 
 from trafficdet.architectures import ARCHITECTURES
 from trafficdet.errors import PipelineError
-from trafficdet.io import private_tmpdir, read_json
+from trafficdet.io import private_tmpdir, read_json, write_json
 from trafficdet.paths import CACHE, IMAGE_STORE
 
 
@@ -54,6 +54,9 @@ def model_maker_folder(labels_file: Path, store: Path = IMAGE_STORE, scratch: Pa
     The split stage writes only label files (a cached output DVC can push and pull);
     this builds the folder Model Maker insists on from symlinks into ``store`` in a
     throwaway directory (in ``scratch``, default: the process's temp dir), and removes it afterwards.
+    Crowd regions (``iscrowd: 1``) are left out of its ``labels.json``: Model Maker's cache
+    writer has no crowd field and would train on them as objects; they stay in the split's
+    labels for COCOeval, which ignores detections matched to them.
     """
     coco = read_json(labels_file)
     folder = Path(tempfile.mkdtemp(dir=scratch, prefix=f"{labels_file.parent.name}."))
@@ -64,7 +67,8 @@ def model_maker_folder(labels_file: Path, store: Path = IMAGE_STORE, scratch: Pa
             if not source.is_file():
                 raise PipelineError(f"{source}: missing (listed in {labels_file}); run the images stage (dvc repro images)")
             os.symlink(source.resolve(), folder / "images" / image["file_name"])
-        shutil.copyfile(labels_file, folder / "labels.json")
+        trained = {**coco, "annotations": [ann for ann in coco["annotations"] if not ann.get("iscrowd")]}
+        write_json(folder / "labels.json", trained)
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)

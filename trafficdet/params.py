@@ -67,8 +67,11 @@ class FilterParams(Section):
     classes: Annotated[list[str], Field(min_length=1, description="a list of class names")]
     include_all: Annotated[list[str], Field(description="a list of class names (may be empty)")]
     images_per_class: Annotated[NonNegativeInt | Literal["all"], Field(description="an integer >= 0 or 'all'")]
+    keep_all_from: Annotated[
+        list[Literal["train2017", "val2017"]], Field(description="a list of train2017, val2017 (may be empty)")
+    ]
     seed: int
-    drop_crowd: bool
+    unrelabelled_lights: Literal["exclude", "traffic_light"]
     min_box_side: NonNegativeFloat
 
     @field_validator("classes")
@@ -81,7 +84,7 @@ class FilterParams(Section):
 
 class SplitParams(Section):
     name = "split"
-    method: Literal["stratified", "published"]
+    method: Literal["coco", "stratified", "published"]
     val_fraction: Fraction
     seed: int
 
