@@ -189,6 +189,9 @@ def evaluate(params: EvaluateParams) -> dict[str, dict[str, Any]]:
         raise PipelineError(f"{MODEL}: missing; run the export stage first")
     ground_truth = read_json(split_labels("val"))
     quiet_tensorflow()
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()  # the same metrics from the same model, as train does
 
     from dvclive import Live
 

@@ -51,10 +51,14 @@ def model_maker_folder(labels_file: Path, store: Path = IMAGE_STORE, scratch: Pa
     The split stage writes only label files (a cached output DVC can push and pull);
     this builds the folder Model Maker insists on from symlinks into ``store`` in a
     throwaway directory (in ``scratch``, default: the process's temp dir), and removes it afterwards.
+    The folder itself is named after the side (``<temp>/train/``): Model Maker hashes its name
+    into the cache's file prefix, which must not change from run to run.
     """
     coco = read_json(labels_file)
-    folder = Path(tempfile.mkdtemp(dir=scratch, prefix=f"{labels_file.parent.name}."))
+    parent = Path(tempfile.mkdtemp(dir=scratch, prefix="model_maker."))
+    folder = parent / labels_file.parent.name
     try:
+        folder.mkdir()
         (folder / "images").mkdir()
         for image in coco["images"]:
             source = store / image["file_name"]
@@ -64,7 +68,7 @@ def model_maker_folder(labels_file: Path, store: Path = IMAGE_STORE, scratch: Pa
         shutil.copyfile(labels_file, folder / "labels.json")
         yield folder
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def cache_record(side: str, root: Path = CACHE) -> dict[str, Any]:
