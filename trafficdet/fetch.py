@@ -175,6 +175,7 @@ def fetch(
     hint: str = "",
     session: requests.Session | None = None,
     hosts: HostPolicy | None = None,
+    resumable: bool = True,
 ) -> Path:
     """Download ``url`` to ``dest``: resumable, retried, verified, renamed into place.
 
@@ -183,7 +184,8 @@ def fetch(
     so that ``dvc repro`` does not delete it before resuming. ``hint`` is appended to
     403/404 errors to name the param that offers a way out. With ``hosts``, ``url`` and
     every redirect must stay on those hosts (``RefusedURLError`` otherwise); without, redirects
-    are followed (for URLs the user wrote into params.yaml).
+    are followed (for URLs the user wrote into params.yaml). Without ``resumable`` the
+    partial file is removed when the download fails (small files: not worth resuming).
     """
     problem = hosts.problem(url) if hosts else ("" if _is_drive(url) else url_problem(url))
     if problem:
@@ -197,7 +199,12 @@ def fetch(
     if _is_drive(url):
         _fetch_drive(url, partial)
     else:
-        _fetch_http(url, partial, policy, progress, hint, session or thread_session(), hosts)
+        try:
+            _fetch_http(url, partial, policy, progress, hint, session or thread_session(), hosts, resumable)
+        except BaseException:
+            if not resumable:
+                partial.unlink(missing_ok=True)
+            raise
     if pinned:
         algorithm, expected = pinned
         actual = file_digest(partial, algorithm)
@@ -213,7 +220,14 @@ def fetch(
 
 
 def _fetch_http(
-    url: str, partial: Path, policy: RetryPolicy, progress: bool, hint: str, session: requests.Session, hosts: HostPolicy | None
+    url: str,
+    partial: Path,
+    policy: RetryPolicy,
+    progress: bool,
+    hint: str,
+    session: requests.Session,
+    hosts: HostPolicy | None,
+    resumable: bool,
 ) -> None:
     """Fill ``partial`` with the whole body of ``url``, resuming with Range requests."""
     last_problem = ""
@@ -272,7 +286,9 @@ def _fetch_http(
             last_problem = "connection dropped mid-transfer"
         except requests.RequestException as err:  # InvalidURL, InvalidSchema, ...: retrying will not help
             raise RefusedURLError(f"download {url}: {type(err).__name__}: {err}".splitlines()[0]) from None
-    kept = f"partial file kept at {partial}; rerun to resume" if partial.exists() else "rerun when the network is back"
+    kept = (
+        f"partial file kept at {partial}; rerun to resume" if resumable and partial.exists() else "rerun when the network is back"
+    )
     attempts = f"{policy.retries + 1} attempt{'s' if policy.retries else ''}"
     raise PipelineError(f"download {url}: {last_problem} after {attempts} ({kept}, or set download.mirror)")
 

@@ -222,7 +222,7 @@ def materialize_one(image: dict[str, Any], store: Path, sources: Sources) -> Out
             outcome = install(image, new, dest, url, "linked")
         else:
             try:
-                fetch(url, new, policy=sources.policy, partial=part, progress=False, hosts=sources.hosts)
+                fetch(url, new, policy=sources.policy, partial=part, progress=False, hosts=sources.hosts, resumable=False)
             except HTTPStatusError as err:
                 return Outcome(f"HTTP {err.status}", action="rejected", ignored_local_path=ignored)
             except RefusedURLError as err:
