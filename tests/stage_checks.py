@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import run
 
 OUTPUT_ROOTS = ("data", "models", "reports")
 # Kept on purpose, not outputs: archives and their partial downloads, so that a rerun resumes.
 RESUMABLE = "data/.downloads"
+SCRATCH = "data/.tmp"  # per-process temp folders, each removed when its process ends
 
 
 def stage(repo: Path, name: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -48,8 +56,37 @@ def half_written(root: Path) -> list[str]:
     for top in OUTPUT_ROOTS:
         for path in (root / top).rglob("*") if (root / top).is_dir() else ():
             relative = path.relative_to(root).as_posix()
-            if relative.startswith(RESUMABLE):
+            if relative.startswith(RESUMABLE) or relative == SCRATCH:
+                continue
+            if relative.startswith(SCRATCH + "/"):  # a temp folder of a process that is gone
+                left.append(relative)
                 continue
             if path.name.endswith((".tmp", ".part", ".new")) or (path.parent.name == "images" and path.name.startswith(".")):
                 left.append(relative)
     return left
+
+
+@contextlib.contextmanager
+def full_disk(folder: Path, leave_out: tuple[str, ...] = ()) -> Iterator[None]:
+    """A real full disk at ``folder``: a tmpfs mounted over it, holding a copy of its files and not a page more.
+
+    ``leave_out`` names files not copied in (so that the stage has to write them again).
+    Needs root (tests and CI run as root). Unmounted however the block ends; the files
+    that were there before reappear unchanged.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="full-disk.") as saved:
+        shutil.copytree(folder, saved, symlinks=True, dirs_exist_ok=True, ignore=lambda _, names: set(leave_out) & set(names))
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g", "tmpfs", str(folder)], check=True)
+        try:
+            shutil.copytree(saved, folder, symlinks=True, dirs_exist_ok=True)
+            stats = os.statvfs(folder)
+            used = (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+            size = max(used, stats.f_frsize)  # tmpfs sizes are whole pages, at least one
+            subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True)
+            assert os.statvfs(folder).f_bavail <= 1
+            yield
+        finally:
+            subprocess.run(["umount", str(folder)], check=True)

@@ -40,7 +40,7 @@ from trafficdet.fetch import (
     file_digest,
     rewrite_mirror,
 )
-from trafficdet.io import read_json
+from trafficdet.io import naming, read_json
 from trafficdet.params import DownloadParams
 
 NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
@@ -213,7 +213,7 @@ def materialize_one(image: dict[str, Any], store: Path, sources: Sources) -> Out
     if reusable(dest, url, local, record):
         return Outcome(record=record, action="reused", ignored_local_path=ignored)
     new, part = _temp(store, name, "new"), _temp(store, name, "part")
-    with _temps(new, part):
+    with _temps(new, part), naming(dest):
         if local is not None:
             try:
                 _place_local(local, new)
@@ -320,7 +320,7 @@ def fetch_from_zips(
 def _extract(zf: zipfile.ZipFile, archive: Path, image: dict[str, Any], member: str, url: str, store: Path) -> Outcome:
     name = image["file_name"]
     new = _temp(store, name, "new")
-    with _temps(new):
+    with _temps(new), naming(store / name):
         try:
             with zf.open(member) as src, open(new, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
