@@ -253,7 +253,7 @@ def _fetch_http(
                 resumed = status == 206
                 expected_total = _expected_total(response, have if resumed else 0)
                 with (
-                    open(partial, "ab" if resumed else "wb") as handle,
+                    open(partial, "ab" if resumed else "wb", buffering=0) as handle,  # each read on disk: a kill loses none
                     tqdm(
                         total=expected_total,
                         initial=have if resumed else 0,
