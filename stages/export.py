@@ -63,6 +63,8 @@ def pin_zip_times(model: bytes) -> bytes:
     hand because no library rewrites a zip in place: the four time/date bytes of each local
     header and central directory entry are overwritten, nothing moves, CRCs stay valid.
     """
+    if not zipfile.is_zipfile(io.BytesIO(model)):
+        return model  # nothing packed
     data = bytearray(model)
     with zipfile.ZipFile(io.BytesIO(model)) as zf:
         infos, position = zf.infolist(), zf.start_dir
