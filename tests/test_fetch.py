@@ -11,11 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from testkit.fixture import ANNOTATIONS_ZIP, CHECKPOINT_TARBALL
 from testkit.fixture_server import FixtureServer
+from testkit.repo_copy import ROOT
 from trafficdet.errors import PipelineError
 from trafficdet.fetch import CHUNK, HostPolicy, HTTPStatusError, RefusedURLError, RetryPolicy, fetch, rewrite_mirror
+from trafficdet.params import DownloadParams
 
 FAST = RetryPolicy(retries=2, backoff_s=0.01, timeout_s=10)
 BIG = "zips/train2017.zip"  # several chunks long
@@ -162,3 +165,14 @@ def test_only_http_urls_are_fetched(tmp_path: Path, url: str) -> None:
     with pytest.raises(RefusedURLError, match=r"scheme|without a host|malformed"):
         fetch(url, tmp_path / "x", policy=FAST)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_image_hosts_are_those_the_params_name() -> None:
+    base = DownloadParams.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text())["download"])
+    assert HostPolicy.from_params(base).hosts == {"images.cocodataset.org"}
+    mirrored = base.model_copy(update={"mirror": "http://127.0.0.1:8000", "allowed_hosts": ["Cdn.Example.org"]})
+    assert HostPolicy.from_params(mirrored).hosts == {"images.cocodataset.org", "127.0.0.1", "cdn.example.org"}
+    own = base.model_copy(update={"source": "coco_folder", "annotations_url": "https://data.example.org/a.zip"})
+    assert HostPolicy.from_params(own).hosts == {"data.example.org"}
+    assert HostPolicy.from_params(mirrored).problem("http://127.0.0.1:9/x.jpg") == ""  # any port of a named host
+    assert "127.0.0.2" in HostPolicy.from_params(mirrored).problem("http://127.0.0.2:8000/x.jpg")

@@ -76,8 +76,12 @@ class HostPolicy:
 
     @classmethod
     def from_params(cls, params: DownloadParams) -> HostPolicy:
-        """The annotations' own host, the mirror's and ``download.allowed_hosts``."""
-        named = [params.annotations_url, params.mirror]
+        """The annotations' own host, the mirror's and ``download.allowed_hosts``.
+
+        For COCO 2017 the annotations' own host is also COCO's image host, wherever the
+        annotations zip itself was fetched from.
+        """
+        named = [params.annotations_url, params.mirror] + ([COCO_HOST_PREFIXES[0]] if params.source == "coco2017" else [])
         hosts = {(urlsplit(url).hostname or "").lower() for url in named if url}
         return cls(frozenset(hosts - {""} | {host.lower() for host in params.allowed_hosts}))
 
