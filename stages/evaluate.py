@@ -17,14 +17,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from trafficdet.errors import PipelineError, run_stage
-from trafficdet.io import read_json, write_json
+from trafficdet.io import atomic_dir, read_json, write_json
 from trafficdet.modelmaker import keras_model, load_dataset, preprocessor, quiet_tensorflow, restore_detector
 from trafficdet.params import EvaluateParams, load
 from trafficdet.paths import EVALUATE_LIVE, IMAGE_STORE, MODEL, TRAINED, split_labels
@@ -173,7 +172,7 @@ def prediction_grid(
     return grid
 
 
-def write_results(live: Any, model: str, result: dict[str, Any], extra: dict[str, float]) -> None:
+def write_results(live: Any, model: str, result: dict[str, Any], extra: dict[str, float], out: Path) -> None:
     for metric, value in result["overall"].items():
         live.log_metric(f"{model}/{metric}", round(value, 4), plot=False)
     for name, value in extra.items():
@@ -182,12 +181,12 @@ def write_results(live: Any, model: str, result: dict[str, Any], extra: dict[str
         for metric, value in values.items():
             live.log_metric(f"{model}/per_class/{name}/{metric}", round(value, 4), plot=False)
     write_json(
-        EVALUATE_LIVE / "plots/ap" / f"{model}.json",
+        out / "plots/ap" / f"{model}.json",
         [{"class": name, "AP": max(v["AP"], 0.0)} for name, v in result["per_class"].items()],
         indent=True,
     )
     for name, curve in result["pr"].items():
-        write_json(EVALUATE_LIVE / "plots/pr" / f"{model}_{name}.json", curve, indent=True)
+        write_json(out / "plots/pr" / f"{model}_{name}.json", curve, indent=True)
 
 
 def evaluate(params: EvaluateParams) -> dict[str, dict[str, Any]]:
@@ -196,18 +195,20 @@ def evaluate(params: EvaluateParams) -> dict[str, dict[str, Any]]:
         raise PipelineError(f"{MODEL}: missing; run the export stage first")
     ground_truth = read_json(split_labels("val"))
     quiet_tensorflow()
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()  # the same metrics from the same model, as train does
 
     from dvclive import Live
 
-    shutil.rmtree(EVALUATE_LIVE, ignore_errors=True)
-    with Live(str(EVALUATE_LIVE), dvcyaml=False, save_dvc_exp=False) as live:
-        detector = restore_detector(TRAINED, TRAINED)
-        keras_dets, losses = keras_detections(detector, params.batch_size)
-        keras = coco_evaluate(ground_truth, keras_dets, backend)
-        write_results(live, "keras", keras, losses)
-        tflite_dets = tflite_detections(MODEL, ground_truth, IMAGE_STORE, params.max_detections)
-        tflite = coco_evaluate(ground_truth, tflite_dets, backend)
-        write_results(live, "tflite", tflite, {})
+    detector = restore_detector(TRAINED, TRAINED)
+    keras_dets, losses = keras_detections(detector, params.batch_size)
+    keras = coco_evaluate(ground_truth, keras_dets, backend)
+    tflite_dets = tflite_detections(MODEL, ground_truth, IMAGE_STORE, params.max_detections)
+    tflite = coco_evaluate(ground_truth, tflite_dets, backend)
+    with atomic_dir(EVALUATE_LIVE) as out, Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:  # all or nothing
+        write_results(live, "keras", keras, losses, out)
+        write_results(live, "tflite", tflite, {}, out)
         live.log_image("predictions.png", prediction_grid(ground_truth, tflite_dets, IMAGE_STORE))
     return {"keras": keras["overall"], "tflite": tflite["overall"]}
 

@@ -12,10 +12,13 @@ and data/images/ for the latency run); writes
 
 from __future__ import annotations
 
+import io
 import json
 import statistics
+import struct
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,32 @@ def quantization_config(kind: str, representative_steps: int):
     if kind == "int8":  # representative set: the training images, as the model will see them
         return quantization.QuantizationConfig.for_int8(load_dataset("train"), quantization_steps=representative_steps)
     return None
+
+
+DOS_EPOCH = struct.pack("<HH", 0, (1 << 5) | 1)  # 00:00:00 on 1980-01-01, as (time, date)
+
+
+def pin_zip_times(model: bytes) -> bytes:
+    """The model with the modification times of its packed files set to 1980-01-01.
+
+    MediaPipe's metadata writer appends labels.txt as a zip member stamped with the time of
+    the export, the only byte that differs between two exports of the same checkpoint. By
+    hand because no library rewrites a zip in place: the four time/date bytes of each local
+    header and central directory entry are overwritten, nothing moves, CRCs stay valid.
+    """
+    if not zipfile.is_zipfile(io.BytesIO(model)):
+        return model  # nothing packed
+    data = bytearray(model)
+    with zipfile.ZipFile(io.BytesIO(model)) as zf:
+        infos, position = zf.infolist(), zf.start_dir
+    for info in infos:
+        assert data[info.header_offset : info.header_offset + 4] == b"PK\x03\x04"
+        data[info.header_offset + 10 : info.header_offset + 14] = DOS_EPOCH
+        assert data[position : position + 4] == b"PK\x01\x02"
+        data[position + 12 : position + 16] = DOS_EPOCH
+        name, extra, comment = struct.unpack("<HHH", data[position + 28 : position + 34])
+        position += 46 + name + extra + comment
+    return bytes(data)
 
 
 def measure_latency(model: Path, images: list[Path], repeats: int) -> dict[str, float]:
@@ -94,7 +123,7 @@ def export(params: ExportParams, out_model: Path = MODEL) -> dict[str, Any]:
             "init": summary["init"],
             "tflite_metadata": tflite_metadata,
         }
-        write_bytes(out_model, (tmp / "model.tflite").read_bytes())
+        write_bytes(out_model, pin_zip_times((tmp / "model.tflite").read_bytes()))
     write_json(MODEL_METADATA, metadata, indent=True)
     write_bytes(MODEL_LABELS, ("\n".join(summary["labels"]) + "\n").encode())
     report = {"quantization": kind, "size_bytes": size, "size_mb": round(size / 2**20, 3)}

@@ -57,10 +57,14 @@ def model_maker_folder(labels_file: Path, store: Path = IMAGE_STORE, scratch: Pa
     Crowd regions (``iscrowd: 1``) are left out of its ``labels.json``: Model Maker's cache
     writer has no crowd field and would train on them as objects; they stay in the split's
     labels for COCOeval, which ignores detections matched to them.
+    The folder itself is named after the side (``<temp>/train/``): Model Maker hashes its name
+    into the cache's file prefix, which must not change from run to run.
     """
     coco = read_json(labels_file)
-    folder = Path(tempfile.mkdtemp(dir=scratch, prefix=f"{labels_file.parent.name}."))
+    parent = Path(tempfile.mkdtemp(dir=scratch, prefix="model_maker."))
+    folder = parent / labels_file.parent.name
     try:
+        folder.mkdir()
         (folder / "images").mkdir()
         for image in coco["images"]:
             source = store / image["file_name"]
@@ -71,7 +75,7 @@ def model_maker_folder(labels_file: Path, store: Path = IMAGE_STORE, scratch: Pa
         write_json(folder / "labels.json", trained)
         yield folder
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def cache_record(side: str, root: Path = CACHE) -> dict[str, Any]:

@@ -26,6 +26,13 @@ NonNegativeFloat = Annotated[float, Field(ge=0, description="a number >= 0")]
 Fraction = Annotated[float, Field(gt=0, lt=1, description="a number between 0 and 1 (exclusive)")]
 Checksum = Annotated[str, Field(pattern=r"^((md5|sha256):[0-9a-fA-F]+)?$", description="'' or 'md5:<hex>' or 'sha256:<hex>'")]
 Url = Annotated[str, Field(pattern=r"^https?://\S+$", description="an http:// or https:// URL")]
+HostName = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$",
+        description="a host name such as 'example.org' (no scheme, port or path)",
+    ),
+]
 OptionalUrl = Annotated[str, Field(pattern=r"^(https?://\S+)?$", description="'' or an http:// or https:// URL")]
 
 Architecture = Literal["mobilenet_v2", "mobilenet_v2_i320", "mobilenet_multi_avg", "mobilenet_multi_avg_i384"]
@@ -57,9 +64,11 @@ class DownloadParams(Section):
     train_zip_checksum: Checksum
     val_zip_url: Url
     val_zip_checksum: Checksum
+    allowed_hosts: Annotated[list[HostName], Field(description="a list of host names (may be empty)")]
     retries: NonNegativeInt
     backoff_s: NonNegativeFloat
     timeout_s: PositiveFloat
+    min_kbytes_per_s: PositiveFloat
 
 
 class FilterParams(Section):
