@@ -1,0 +1,146 @@
+"""Speed work that must not change results: the parallel cache writer, the parallel training input, the speed params."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import PipelineRun, run
+from tests.test_pipeline import set_param
+from tests.test_training import cached_repo, copy_of  # noqa: F401  (cached_repo is a fixture)
+
+
+def repeated_folder(repo: Path, side: str, dest: Path, copies: int) -> int:
+    """Model Maker's COCO folder of one split side, its images listed ``copies`` times under new names and ids.
+
+    Over 100 images, so the cache has several shards and the round-robin order is checked; one more
+    image has only a box outside it, so both writers must skip it and shift the round robin.
+    """
+    coco = json.loads((repo / "data/split" / side / "labels.json").read_text())
+    (dest / "images").mkdir(parents=True)
+    images, annotations = [], []
+    for copy in range(copies):
+        for image in coco["images"]:
+            name = f"{copy}-{image['file_name']}"
+            os.symlink((repo / "data/images" / image["file_name"]).resolve(), dest / "images" / name)
+            images.append({**image, "id": copy * 1_000_000 + image["id"], "file_name": name})
+        annotations += [
+            {**ann, "id": copy * 1_000_000 + ann["id"], "image_id": copy * 1_000_000 + ann["image_id"]}
+            for ann in coco["annotations"]
+        ]
+    outside = images[len(images) // 2]
+    os.symlink(dest / "images" / outside["file_name"], dest / "images" / "outside.jpg")
+    images.insert(1, {**outside, "id": 7, "file_name": "outside.jpg"})
+    annotations.append({"id": 7, "image_id": 7, "category_id": 1, "bbox": [5000.0, 10.0, 20.0, 20.0], "area": 400, "iscrowd": 0})
+    (dest / "labels.json").write_text(json.dumps({**coco, "images": images, "annotations": annotations}))
+    return len(images)
+
+
+def test_parallel_cache_writes_model_makers_bytes(tiny_pipeline: PipelineRun, tmp_path: Path) -> None:
+    listed = repeated_folder(tiny_pipeline.repo, "train", tmp_path / "train", copies=8)
+    code = """
+import filecmp, sys
+from pathlib import Path
+from trafficdet.modelmaker import quiet_tensorflow, write_coco_cache
+quiet_tensorflow()
+folder, out = Path(sys.argv[1]), Path(sys.argv[2])
+sizes = [write_coco_cache(folder, out / kind, parallel=kind == "parallel")[1] for kind in ("model_maker", "parallel")]
+theirs, ours = (sorted(p.name for p in (out / kind).iterdir()) for kind in ("model_maker", "parallel"))
+same = theirs == ours and all(filecmp.cmp(out / "model_maker" / n, out / "parallel" / n, shallow=False) for n in ours)
+print("result", sizes, len(ours), same)
+"""
+    out = run([sys.executable, "-c", code, str(tmp_path / "train"), str(tmp_path / "out")], tiny_pipeline.repo).stdout
+    sizes, files, same = out.split("result", 1)[1].rsplit(" ", 2)
+    assert json.loads(sizes) == [listed - 1, listed - 1]  # the image with only an outside box is skipped by both
+    assert int(files) == 1 + (listed + 99) // 100  # metadata + shards of 100 images
+    assert same == "True\n"
+
+
+def test_training_input_is_model_makers_bit_for_bit(cached_repo: Path) -> None:  # noqa: F811
+    """Two epochs (reshuffled) of Model Maker's training pipeline and of ours, under the stage's seeding."""
+    code = """
+from pathlib import Path
+import numpy as np
+from trafficdet.modelmaker import load_dataset, model_spec, quiet_tensorflow, training_dataset
+quiet_tensorflow()
+import tensorflow as tf
+from mediapipe_model_maker.python.vision.object_detector.preprocessor import Preprocessor
+tf.config.experimental.enable_op_determinism()
+preprocessor = Preprocessor(model_spec("mobilenet_multi_avg", Path("unused")))
+data = load_dataset("train")
+def two_epochs(make):
+    tf.keras.utils.set_random_seed(42)
+    return [[array.numpy() for batch in make() for array in tf.nest.flatten(batch)] for _ in range(2)]
+theirs = two_epochs(lambda: data.gen_tf_dataset(4, is_training=True, shuffle=True, preprocess=preprocessor))
+ours = two_epochs(lambda: training_dataset(data, preprocessor, 4, True))
+same = all(len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b)) for a, b in zip(theirs, ours))
+reshuffled = not all(np.array_equal(x, y) for x, y in zip(*theirs))
+print("result", len(theirs[0]), same, reshuffled)
+"""
+    _, arrays, same, reshuffled = run([sys.executable, "-c", code], cached_repo).stdout.split("result", 1)[1].split()
+    assert int(arrays) > 8 * 4  # several batches of image + labels
+    assert same == "True"
+    assert reshuffled == "True"  # the epochs differ: the comparison covers the shuffle's seed too
+
+
+@pytest.mark.slow
+def test_speed_params_train_and_evaluate(cached_repo: Path, tmp_path: Path) -> None:  # noqa: F811
+    """bfloat16, XLA and a doubled batch in one short training run: each is read back from the trained model,
+    the run prints and logs its time estimate, and the checkpoint evaluates (COCO metrics) as float32."""
+    repo = copy_of(cached_repo, tmp_path / "repo")
+    for key, value in {"mixed_precision": "bfloat16", "jit_compile": True, "batch_size": 8, "epochs": 2}.items():
+        set_param(repo, "train", key, value)
+    out = run([sys.executable, "-m", "stages.train"], repo).stdout
+    summary = json.loads((repo / "models/train/train.json").read_text())
+    assert summary["speed"] == {
+        "compute_dtype": "bfloat16",
+        "jit_compile": True,
+        "loss_scaling": False,  # only float16 needs it
+        "initial_learning_rate": pytest.approx(0.3 * 8 / 256),  # Model Maker's rule: learning_rate x batch / 256
+    }
+    losses = [
+        float(row.split("\t")[1])
+        for row in (repo / "reports/train/plots/metrics/train/total_loss.tsv").read_text().splitlines()[1:]
+    ]
+    assert len(losses) == 2 and losses[1] < losses[0]  # it learns
+
+    # The estimate: printed twice (after the first steps, after epoch 1), logged only under reports/timing.
+    estimates = [line for line in out.splitlines() if " images/s -> about " in line]
+    assert len(estimates) == 2, out
+    assert estimates[0].startswith(f"train: {summary['train_images']} images x 2 epochs at ")
+    assert "ends ~" in estimates[0] and "validation included" in estimates[1]
+    timing = json.loads((repo / "reports/timing/train/metrics.json").read_text())
+    assert timing["estimate"]["epochs_left"] == 1 and timing["estimate"]["images_per_s"] > 0
+    assert "estimate" not in (repo / "reports/train/metrics.json").read_text()
+
+    code = """
+import json
+from pathlib import Path
+from trafficdet.modelmaker import load_dataset, quiet_tensorflow, restore_detector
+quiet_tensorflow()
+detector = restore_detector(Path("models/train"), Path("scratch"))
+_, metrics = detector.evaluate(load_dataset("val"), batch_size=4)
+print("result", json.dumps({name: float(value) for name, value in metrics.items()}))
+"""
+    metrics = json.loads(run([sys.executable, "-c", code], repo).stdout.split("result", 1)[1])
+    assert {"AP", "AP50", "AR100"} <= metrics.keys()
+    assert all(-1 <= value <= 1 for value in metrics.values())
+
+
+def test_float16_without_a_gpu_is_refused_in_one_line(cached_repo: Path, tmp_path: Path) -> None:  # noqa: F811
+    repo = copy_of(cached_repo, tmp_path / "repo")
+    set_param(repo, "train", "mixed_precision", "float16")
+    result = run([sys.executable, "-m", "stages.train"], repo, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: params.yaml train.mixed_precision: float16 needs a GPU (TensorFlow sees none here); "
+        "use off, or bfloat16 (runs on a CPU, slowly)"
+    )
+    assert "Traceback" not in result.stderr
+    assert not (repo / "models/train").exists()
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["mixed_precision"] == "float16"
