@@ -12,6 +12,7 @@ does. In it:
 - ``pipeline_ours_decoded_in_ram``: ours with the decoded images kept in memory (``cache()``),
   timed on passes after the first;
 - ``step``: the train step alone, Model Maker's model, loss and optimizer on one batch replayed;
+- ``validation_step``: the validation step (forward, loss, detection post-processing) likewise;
 - ``train_model_maker`` / ``train_ours``: ``fit`` on each pipeline (steps after the first two).
 
 Rates are images/s (median over passes within a process, then over rounds); CPU seconds per
@@ -80,7 +81,11 @@ model.compile(optimizer=detector._optimizer)
 class StepClock(tf.keras.callbacks.Callback):
     def on_train_batch_end(self, index, logs=None):
         self.times.append(time.perf_counter())
+    def on_test_batch_end(self, index, logs=None):
+        self.times.append(time.perf_counter())
     def on_train_begin(self, logs=None):
+        self.times = []
+    def on_test_begin(self, logs=None):
         self.times = []
     def rate(self):  # after the first two steps (tracing)
         return batch * (len(self.times) - 3) / (self.times[-1] - self.times[2])
@@ -89,6 +94,9 @@ clock = StepClock()
 one_batch = next(iter(mm.training_dataset(data, preprocessor, batch, True)))
 model.fit(tf.data.Dataset.from_tensors(one_batch).repeat(steps + 3), callbacks=[clock], verbose=0)
 result["step"] = {"images_per_s": clock.rate()}
+val_batch = next(iter(data.gen_tf_dataset(batch, False, False, preprocessor)))
+model.evaluate(tf.data.Dataset.from_tensors(val_batch).repeat(steps + 3), callbacks=[clock], verbose=0)
+result["validation_step"] = {"images_per_s": clock.rate()}
 for name, make in (
     ("train_model_maker", lambda: data.gen_tf_dataset(batch, True, True, preprocessor)),
     ("train_ours", lambda: mm.training_dataset(data, preprocessor, batch, True)),
@@ -103,6 +111,7 @@ MEASURES = (
     "pipeline_ours",
     "pipeline_ours_decoded_in_ram",
     "step",
+    "validation_step",
     "train_model_maker",
     "train_ours",
 )

@@ -82,31 +82,29 @@ same = all(len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b)) 
 reshuffled = not all(np.array_equal(x, y) for x, y in zip(*theirs))
 print("result", len(theirs[0]), same, reshuffled)
 """
-    _, arrays, same, reshuffled = run([sys.executable, "-c", code], cached_repo).stdout.split("result", 1)[1].split()
+    arrays, same, reshuffled = run([sys.executable, "-c", code], cached_repo).stdout.split("result", 1)[1].split()
     assert int(arrays) > 8 * 4  # several batches of image + labels
     assert same == "True"
     assert reshuffled == "True"  # the epochs differ: the comparison covers the shuffle's seed too
 
 
 @pytest.mark.slow
-def test_speed_params_train_and_evaluate(cached_repo: Path, tmp_path: Path) -> None:  # noqa: F811
-    """bfloat16, XLA and a doubled batch in one short training run: each is read back from the trained model,
-    the run prints and logs its time estimate, and the checkpoint evaluates (COCO metrics) as float32."""
+def test_bfloat16_and_a_larger_batch_train_and_evaluate(cached_repo: Path, tmp_path: Path) -> None:  # noqa: F811
+    """bfloat16 and a doubled batch in one short run: both read back from the trained model, the run prints and
+    logs its time estimate, and the checkpoint evaluates (COCO metrics) in float32."""
     repo = copy_of(cached_repo, tmp_path / "repo")
-    for key, value in {"mixed_precision": "bfloat16", "jit_compile": True, "batch_size": 8, "epochs": 2}.items():
+    for key, value in {"mixed_precision": "bfloat16", "batch_size": 8, "epochs": 2}.items():
         set_param(repo, "train", key, value)
     out = run([sys.executable, "-m", "stages.train"], repo).stdout
     summary = json.loads((repo / "models/train/train.json").read_text())
     assert summary["speed"] == {
         "compute_dtype": "bfloat16",
-        "jit_compile": True,
+        "jit_compile": False,
         "loss_scaling": False,  # only float16 needs it
         "initial_learning_rate": pytest.approx(0.3 * 8 / 256),  # Model Maker's rule: learning_rate x batch / 256
     }
-    losses = [
-        float(row.split("\t")[1])
-        for row in (repo / "reports/train/plots/metrics/train/total_loss.tsv").read_text().splitlines()[1:]
-    ]
+    rows = (repo / "reports/train/plots/metrics/train/total_loss.tsv").read_text().splitlines()[1:]
+    losses = [float(row.split("\t")[1]) for row in rows]
     assert len(losses) == 2 and losses[1] < losses[0]  # it learns
 
     # The estimate: printed twice (after the first steps, after epoch 1), logged only under reports/timing.
@@ -130,6 +128,45 @@ print("result", json.dumps({name: float(value) for name, value in metrics.items(
     metrics = json.loads(run([sys.executable, "-c", code], repo).stdout.split("result", 1)[1])
     assert {"AP", "AP50", "AR100"} <= metrics.keys()
     assert all(-1 <= value <= 1 for value in metrics.values())
+
+
+def test_jit_compile_reaches_keras_and_the_fpn_gradient_compiles(cached_repo: Path, tmp_path: Path) -> None:  # noqa: F811
+    """XLA-compiling the whole train step takes over 10 minutes on this CPU (done by hand, see docs/speed.md);
+    here: the flag reaches Model Maker's compile(), and the FPN's gradient, which XLA cannot compile in
+    Model Maker's model, compiles in the one built for jit_compile."""
+    code = """
+from pathlib import Path
+from trafficdet import modelmaker as mm
+mm.quiet_tensorflow()
+import tensorflow as tf
+labels = mm.label_names(mm.cache_record("train"))
+mm.write_scratch_checkpoint(mm.model_spec("mobilenet_multi_avg", Path("init")), len(labels), 3e-5, Path("init"))
+for jit in (False, True):
+    detector = mm.build_detector("mobilenet_multi_avg", Path("init"), labels, {}, 3e-5, Path("out"))
+    mm.create_model(detector, None, jit_compile=jit)
+    model = mm.keras_model(detector)
+    model.compile(optimizer="sgd")  # as Model Maker's _train_model: no jit_compile argument
+    network = model._model
+    features = network.backbone(tf.zeros([2, 256, 256, 3]))
+
+    @tf.function(jit_compile=True)
+    def fpn_gradient(features):
+        with tf.GradientTape() as tape:
+            tape.watch(features)
+            loss = tf.add_n([tf.reduce_sum(level) for level in network.decoder(features).values()])
+        return tape.gradient(loss, features)
+
+    try:
+        fpn_gradient(features)
+        compiled = "compiles"
+    except tf.errors.InvalidArgumentError as err:
+        compiled = "ResizeNearestNeighborGrad" in str(err) and "no-kernel"
+    print("result", jit, model.jit_compile, compiled)
+"""
+    results = [
+        line.split()[1:] for line in run([sys.executable, "-c", code], cached_repo).stdout.splitlines() if "result" in line
+    ]
+    assert results == [["False", "None", "no-kernel"], ["True", "True", "compiles"]]
 
 
 def test_float16_without_a_gpu_is_refused_in_one_line(cached_repo: Path, tmp_path: Path) -> None:  # noqa: F811
