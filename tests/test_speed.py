@@ -126,7 +126,7 @@ _, metrics = detector.evaluate(load_dataset("val"), batch_size=4)
 print("result", json.dumps({name: float(value) for name, value in metrics.items()}))
 """
     metrics = json.loads(run([sys.executable, "-c", code], repo).stdout.split("result", 1)[1])
-    assert {"AP", "AP50", "AR100"} <= metrics.keys()
+    assert {"AP", "AP50", "ARmax100"} <= metrics.keys()
     assert all(-1 <= value <= 1 for value in metrics.values())
 
 

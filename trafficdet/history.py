@@ -65,14 +65,14 @@ def make_history_callback(
             """Print when training ends and log the figures (wall clock only here and in reports/timing)."""
             assert self.timing is not None and self.first_epoch is not None
             line = (
-                f"train: {train_images:,} images x {epochs_left} epochs at {rate:.1f} images/s -> "
+                f"train: {train_images:,} images x {epochs_left} epoch{'s' if epochs_left > 1 else ''} at {rate:.1f} images/s -> "
                 f"about {duration(seconds_left)} more, ends ~{clock(seconds_left)}"
             )
             if "validation_s" in measured:
                 line += f" (epoch {self.first_epoch + 1}: {duration(measured['epoch_s'])}, validation included)"
             else:
                 line += f" (training steps only, measured over steps {SKIPPED_STEPS + 1}-{self.steps}; refined after the epoch)"
-            print(line, flush=True)
+            print(f"\n{line}", flush=True)  # on a line of its own: Keras' progress bar ends without a newline
             figures = {"images": train_images, "epochs_left": epochs_left, "images_per_s": rate, "seconds_left": seconds_left}
             for name, value in {**figures, **measured}.items():
                 self.timing.log_metric(f"estimate/{name}", round(value, 2), plot=False)
