@@ -53,12 +53,28 @@ sizes = [write_coco_cache(folder, out / kind, parallel=kind == "parallel")[1] fo
 theirs, ours = (sorted(p.name for p in (out / kind).iterdir()) for kind in ("model_maker", "parallel"))
 same = theirs == ours and all(filecmp.cmp(out / "model_maker" / n, out / "parallel" / n, shallow=False) for n in ours)
 print("result", sizes, len(ours), same)
+from trafficdet.errors import PipelineError
+broken = folder / "images" / sys.argv[3]
+data = broken.read_bytes()
+broken.unlink()
+broken.write_bytes(data[: len(data) // 3])  # a real file now: the store behind the symlink stays intact
+try:
+    write_coco_cache(folder, out / "broken")
+except PipelineError as err:
+    print("error", err)
 """
-    out = run([sys.executable, "-c", code, str(tmp_path / "train"), str(tmp_path / "out")], tiny_pipeline.repo).stdout
-    sizes, files, same = out.split("result", 1)[1].rsplit(" ", 2)
+    folder = tmp_path / "train"
+    broken = json.loads((folder / "labels.json").read_text())["images"][5]["file_name"]
+    out = run([sys.executable, "-c", code, str(folder), str(tmp_path / "out"), broken], tiny_pipeline.repo).stdout
+    result, error = out.split("result", 1)[1].split("\nerror ", 1)
+    sizes, files, same = result.rsplit(" ", 2)
     assert json.loads(sizes) == [listed - 1, listed - 1]  # the image with only an outside box is skipped by both
     assert int(files) == 1 + (listed + 99) // 100  # metadata + shards of 100 images
-    assert same == "True\n"
+    assert same == "True"
+    # a JPEG that no longer decodes: one line naming it (the images stage had verified every file)
+    line = error.strip()
+    assert line.startswith(f"{folder / 'images' / broken}: not a readable JPEG (") and "\n" not in line
+    assert line.endswith("); delete it and run the images stage again (dvc repro images)") and "{{" not in line
 
 
 def test_training_input_is_model_makers_bit_for_bit(cached_repo: Path) -> None:  # noqa: F811

@@ -13,6 +13,7 @@ import dataclasses
 import io
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -471,7 +472,15 @@ def write_coco_cache(folder: Path, cache_dir: Path, parallel: bool = True) -> tu
     writers = files.get_writers()
     size = 0
     try:
-        for image, (encoded, shape) in zip(coco["images"], decoded.as_numpy_iterator(), strict=True):
+        measured = decoded.as_numpy_iterator()
+        for image in coco["images"]:
+            try:
+                encoded, shape = next(measured)  # in order: an error belongs to this image
+            except tf.errors.InvalidArgumentError as err:
+                raise PipelineError(
+                    f"{folder / 'images' / image['file_name']}: not a readable JPEG ({tf_message(err)}); "
+                    "delete it and run the images stage again (dvc repro images)"
+                ) from None
             height, width = int(shape[0]), int(shape[1])
             boxes, _ = dataset_util._coco_annotations_to_lists(annotations.get(image["id"], []), height, width)
             if not boxes["xmin"]:
@@ -498,3 +507,8 @@ def speed_settings(detector: Any) -> dict[str, Any]:
         "loss_scaling": type(model.optimizer).__name__.startswith("LossScale"),
         "initial_learning_rate": float(schedule.initial_learning_rate),  # Model Maker's learning_rate x batch / 256
     }
+
+
+def tf_message(err: Exception) -> str:
+    """TensorFlow's error text without its ``{{function_node ...}}`` prefix, first line only."""
+    return re.sub(r"\{\{[^}]*\}\}\s*", "", str(err)).strip().splitlines()[0][:200]
