@@ -15,6 +15,11 @@ from tests.test_pipeline import set_param
 from tests.test_training import cached_repo, copy_of  # noqa: F401  (cached_repo is a fixture)
 
 
+def printed(out: str, tag: str) -> str:
+    """What a child printed after ``tag`` on its own line (libraries print plenty around it)."""
+    return next(line.removeprefix(f"{tag} ") for line in out.splitlines() if line.startswith(f"{tag} "))
+
+
 def repeated_folder(repo: Path, side: str, dest: Path, copies: int) -> int:
     """Model Maker's COCO folder of one split side, its images listed ``copies`` times under new names and ids.
 
@@ -66,8 +71,8 @@ except PipelineError as err:
     folder = tmp_path / "train"
     broken = json.loads((folder / "labels.json").read_text())["images"][5]["file_name"]
     out = run([sys.executable, "-c", code, str(folder), str(tmp_path / "out"), broken], tiny_pipeline.repo).stdout
-    result, error = out.split("result", 1)[1].split("\nerror ", 1)
-    sizes, files, same = result.rsplit(" ", 2)
+    error = printed(out, "error")
+    sizes, files, same = printed(out, "result").rsplit(" ", 2)
     assert json.loads(sizes) == [listed - 1, listed - 1]  # the image with only an outside box is skipped by both
     assert int(files) == 1 + (listed + 99) // 100  # metadata + shards of 100 images
     assert same == "True"
@@ -98,7 +103,7 @@ same = all(len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b)) 
 reshuffled = not all(np.array_equal(x, y) for x, y in zip(*theirs))
 print("result", len(theirs[0]), same, reshuffled)
 """
-    arrays, same, reshuffled = run([sys.executable, "-c", code], cached_repo).stdout.split("result", 1)[1].split()
+    arrays, same, reshuffled = printed(run([sys.executable, "-c", code], cached_repo).stdout, "result").split()
     assert int(arrays) > 8 * 4  # several batches of image + labels
     assert same == "True"
     assert reshuffled == "True"  # the epochs differ: the comparison covers the shuffle's seed too
@@ -141,7 +146,7 @@ detector = restore_detector(Path("models/train"), Path("scratch"))
 _, metrics = detector.evaluate(load_dataset("val"), batch_size=4)
 print("result", json.dumps({name: float(value) for name, value in metrics.items()}))
 """
-    metrics = json.loads(run([sys.executable, "-c", code], repo).stdout.split("result", 1)[1])
+    metrics = json.loads(printed(run([sys.executable, "-c", code], repo).stdout, "result"))
     assert {"AP", "AP50", "ARmax100"} <= metrics.keys()
     assert all(-1 <= value <= 1 for value in metrics.values())
 
