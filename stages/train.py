@@ -130,6 +130,11 @@ def train(params: TrainParams) -> dict[str, Any]:
     import tensorflow as tf
 
     strategy = make_strategy(plan, params)  # first: nothing may touch TensorFlow's runtime before it
+    if params.mixed_precision == "float16" and not tf.config.list_physical_devices("GPU"):
+        raise PipelineError(
+            "params.yaml train.mixed_precision: float16 needs a GPU (TensorFlow sees none here); "
+            "use off, or bfloat16 (runs on a CPU, slowly)"
+        )
     tf.keras.utils.set_random_seed(params.seed)
     tf.config.experimental.enable_op_determinism()  # identical weights for a fixed seed on CPU
 
@@ -171,12 +176,16 @@ def train(params: TrainParams) -> dict[str, Any]:
             }
             detector = mm.build_detector(params.architecture, out / "init", labels, hparams, params.l2_weight_decay, out)
             mm.set_strategy(detector, strategy)
-            history = make_history_callback(live_dir, timing_dir, state_dir / "history.json", train_info["size"])
+            history = make_history_callback(
+                live_dir, timing_dir, state_dir / "history.json", train_info["size"], params.epochs, params.batch_size
+            )
             mm.set_callbacks(detector, [history, tf.keras.callbacks.BackupAndRestore(str(state_dir / "backup"))])
 
             # Loop.
             started = time.perf_counter()
-            mm.create_and_train(detector, train_data, val_data, params.bn_momentum)  # writes out/float_ckpt
+            mm.create_and_train(  # writes out/float_ckpt
+                detector, train_data, val_data, params.bn_momentum, params.mixed_precision, params.jit_compile
+            )
 
             # Outputs.
             summary = {
@@ -198,6 +207,7 @@ def train(params: TrainParams) -> dict[str, Any]:
                     "chief": plan.chief,
                     "auto_shard": auto_shard,
                 },
+                "speed": mm.speed_settings(detector),
                 "final": history.history[-1] if history.history else {},
             }
             final = {key: value for key, value in summary["final"].items() if key not in ("seconds", "train_images_per_s")}

@@ -119,8 +119,10 @@ class TrainParams(Section):
     num_gpus: NonNegativeInt
     cpu_replicas: PositiveInt
     qat: QatParams
+    mixed_precision: Literal["off", "float16", "bfloat16"]
+    jit_compile: bool
 
-    @field_validator("distribution_strategy", mode="before")
+    @field_validator("distribution_strategy", "mixed_precision", mode="before")
     @classmethod
     def _yaml_off(cls, value: Any) -> Any:
         return "off" if value is False else value  # YAML 1.1 reads an unquoted `off` as false
