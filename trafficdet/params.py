@@ -15,7 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from trafficdet.architectures import ARCHITECTURES
+from trafficdet.architectures import ARCHITECTURES, START_POINTS
 from trafficdet.errors import PipelineError
 from trafficdet.paths import PARAMS
 
@@ -29,7 +29,9 @@ Url = Annotated[str, Field(pattern=r"^https?://\S+$", description="an http:// or
 OptionalUrl = Annotated[str, Field(pattern=r"^(https?://\S+)?$", description="'' or an http:// or https:// URL")]
 
 Architecture = Literal["mobilenet_v2", "mobilenet_v2_i320", "mobilenet_multi_avg", "mobilenet_multi_avg_i384"]
+StartPoint = Literal["mobilenet_v2_imagenet", Architecture]
 assert set(Architecture.__args__) == set(ARCHITECTURES)  # type: ignore[attr-defined]
+assert set(StartPoint.__args__) == set(START_POINTS)  # type: ignore[attr-defined]
 
 
 class Section(BaseModel):
@@ -48,7 +50,7 @@ class DownloadParams(Section):
     annotations_checksum: Checksum
     relabel_url: OptionalUrl
     relabel_checksum: Checksum
-    pretrained: Literal[Architecture, "scratch"]
+    pretrained: Literal[StartPoint, "scratch"]
     checkpoint_url: OptionalUrl
     checkpoint_checksum: Checksum
     images: Literal["per_image", "zips"]
@@ -88,6 +90,9 @@ class SplitParams(Section):
 
 class QatParams(Section):
     enabled: bool
+    epochs: PositiveInt
+    learning_rate: PositiveFloat
+    batch_size: PositiveInt
 
 
 class TrainParams(Section):
@@ -116,7 +121,7 @@ class TrainParams(Section):
 
 class ExportParams(Section):
     name = "export"
-    quantization: Literal["float32", "float16", "int8", "dynamic"]
+    quantization: Literal["float32", "float16", "int8", "dynamic", "qat_int8"]
     representative_steps: PositiveInt
     latency_images: PositiveInt
     latency_repeats: PositiveInt
