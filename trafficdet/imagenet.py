@@ -48,7 +48,7 @@ def check_weights_file(path: Path) -> int:
             for name in group:
                 link = group.get(name, getlink=True)
                 if not isinstance(link, h5py.HardLink):
-                    raise refuse(f"{group.name}/{name} is a {type(link).__name__}, which points elsewhere")
+                    raise refuse(f"{group.name.rstrip('/')}/{name} is an HDF5 {type(link).__name__}, which points elsewhere")
                 item = group[name]
                 if isinstance(item, h5py.Group):
                     pending.append(item)
