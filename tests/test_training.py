@@ -68,6 +68,11 @@ def start_and_kill(repo: Path, ready: Callable[[], bool], after_s: float) -> str
     return log.read_text()
 
 
+def logged_learning_rates(repo: Path) -> list[float]:
+    rows = (repo / "reports/train/plots/metrics/learning_rate.tsv").read_text().splitlines()[1:]
+    return [float(row.split("\t")[-1]) for row in rows]
+
+
 def expected_learning_rates(repo: Path, epochs: int) -> list[float]:
     """Model Maker's schedule after each epoch: linear warm-up over 10% of the steps, then cosine to alpha."""
     train = yaml.safe_load((repo / "params.yaml").read_text())["train"]
@@ -116,10 +121,12 @@ def test_killed_training_resumes_from_last_epoch_then_reruns_only_qat(cached_rep
         assert [row.split("\t")[0] for row in rows] == ["0", "1", "2"], series  # each epoch once
     assert json.loads((repo / "reports/train/metrics.json").read_text())["step"] == 2
 
-    # The logged learning rate is the decaying schedule, continued across the kill.
-    rows = (repo / "reports/train/plots/metrics/learning_rate.tsv").read_text().splitlines()[1:]
-    logged = [float(row.split("\t")[-1]) for row in rows]
-    assert logged == pytest.approx(expected_learning_rates(repo, 3), rel=1e-5)
+    # The logged rate decays across the kill. Exact before it and at the floor; the resumed epoch is
+    # logged one optimizer step later than an uninterrupted run's (Keras' BackupAndRestore; see the
+    # determinism test for the exact curve without a kill).
+    logged = logged_learning_rates(repo)
+    expected = expected_learning_rates(repo, 3)
+    assert logged[0] == pytest.approx(expected[0], rel=1e-5) and logged[2] == pytest.approx(expected[2], rel=1e-5)
     assert logged[0] > logged[1] > logged[2]  # decays (cosine_decay_alpha: 1.0 would keep it flat)
 
 
@@ -132,8 +139,11 @@ def tensor_types(model: Path) -> set[str]:
 @pytest.mark.slow
 def test_training_is_deterministic_and_exports_every_variant(cached_repo: Path, tmp_path: Path) -> None:
     repo = copy_of(cached_repo, tmp_path / "repo")
+    set_param(repo, "train", "epochs", 2)
     set_param(repo, "train", "qat", QAT_TINY)
     run([sys.executable, "-m", "stages.train"], repo)
+    # The logged learning rate is Model Maker's warm-up + cosine schedule, decaying to cosine_decay_alpha.
+    assert logged_learning_rates(repo) == pytest.approx(expected_learning_rates(repo, 2), rel=1e-5)
     first = {prefix: checkpoint_values(repo / "models/train" / prefix) for prefix in ("float_ckpt", "qat_ckpt")}
     run([sys.executable, "-m", "stages.train"], repo)
     for prefix, values in first.items():
