@@ -69,11 +69,11 @@ def start_point(params: TrainParams) -> str:
     fetched = read_json(PRETRAINED / "manifest.json").get("pretrained")
     point = START_POINTS.get(fetched)
     if point is None or params.architecture not in point.fits:
-        fitting = [name for name, p in START_POINTS.items() if params.architecture in p.fits]
+        fitting = " or ".join(name for name, p in START_POINTS.items() if params.architecture in p.fits)
+        fits = f" (it fits {' and '.join(point.fits)})" if point else ""
         raise PipelineError(
             f"params.yaml train.init: pretrained {params.architecture!r}, but the download stage fetched {fetched!r}"
-            f"{f' (it fits {point.fits})' if point else ''}: set download.pretrained to one of {fitting}, "
-            "or train.init: scratch"
+            f"{fits}: set download.pretrained: {fitting}, or train.init: scratch"
         )
     return fetched
 
