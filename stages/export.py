@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from trafficdet.architectures import ARCHITECTURES
-from trafficdet.errors import run_stage
+from trafficdet.errors import PipelineError, run_stage
 from trafficdet.io import read_json, remove_stale_temps, write_bytes, write_json
-from trafficdet.modelmaker import load_dataset, quiet_tensorflow, restore_detector
+from trafficdet.modelmaker import load_dataset, quiet_tensorflow, restore_detector, restore_qat_detector
 from trafficdet.params import ExportParams, load
 from trafficdet.paths import EXPORT_REPORT, EXPORT_TIMING, IMAGE_STORE, MODEL, MODEL_LABELS, MODEL_METADATA, TRAINED, split_labels
 
@@ -40,7 +40,8 @@ def shorten_lists(value: Any, limit: int = 100) -> Any:
 
 
 def quantization_config(kind: str, representative_steps: int):
-    """Model Maker's post-training quantization config for ``kind`` (None: float32)."""
+    """Model Maker's post-training quantization config for ``kind`` (None: float32, or qat_int8, which
+    Model Maker exports as int8 with uint8 input and output because the model is a QAT one)."""
     from mediapipe_model_maker.python.core.utils import quantization
 
     if kind == "float16":
@@ -101,11 +102,16 @@ def export(params: ExportParams, out_model: Path = MODEL) -> dict[str, Any]:
     """Export ``models/model.tflite`` (+ metadata, labels); return the report."""
     kind = params.quantization
     summary = read_json(TRAINED / "train.json")
+    if kind == "qat_int8" and not summary.get("qat"):
+        raise PipelineError(
+            f"params.yaml export.quantization: qat_int8 needs a model trained with QAT, and {TRAINED} has none: "
+            "set train.qat.enabled: true (and rerun train), or export.quantization: int8 (post-training)"
+        )
     quiet_tensorflow()
     out_model.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="export.") as scratch:  # in data/.tmp/<pid>
         tmp = Path(scratch)
-        detector = restore_detector(TRAINED, tmp)
+        detector = restore_qat_detector(TRAINED, tmp) if kind == "qat_int8" else restore_detector(TRAINED, tmp)
         detector.export_model("model.tflite", quantization_config(kind, params.representative_steps))
         tflite_metadata = shorten_lists(json.loads((tmp / "metadata.json").read_text()))
         names = sorted(image["file_name"] for image in read_json(split_labels("val"))["images"])
@@ -120,7 +126,9 @@ def export(params: ExportParams, out_model: Path = MODEL) -> dict[str, Any]:
             "quantization": kind,
             "labels": summary["labels"],  # output order: index 0 is background
             "trained_epochs": summary["epochs"],
+            "qat_epochs": len(summary["qat"]["history"]) if summary.get("qat") else 0,
             "init": summary["init"],
+            "start_point": summary.get("start_point", summary["init"]),
             "tflite_metadata": tflite_metadata,
         }
         write_bytes(out_model, pin_zip_times((tmp / "model.tflite").read_bytes()))

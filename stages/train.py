@@ -1,11 +1,14 @@
 """train: fine-tune Model Maker's object detector on the cached TFRecords, resumably.
 
-Reads data/cache/{train,val} and models/pretrained (or builds a scratch initialisation);
-writes
+Reads data/cache/{train,val} and models/pretrained (a Model Maker COCO checkpoint, Keras'
+ImageNet MobileNetV2 for the backbone, or nothing for a seeded scratch initialisation); writes
     models/train/           float_ckpt.*, init/ (the starting checkpoint, needed to rebuild
-                            the model) and train.json
+                            the model), train.json and, with train.qat.enabled, qat_ckpt.*
+                            (the quantization-aware fine-tune export.quantization: qat_int8 reads)
     models/train_state/     persist: the last finished epoch (Keras BackupAndRestore) and the
-                            logged history, so a killed run continues where it stopped
+                            logged history, so a killed run continues where it stopped; once
+                            the float phase is done, its checkpoint (a kill during QAT reruns
+                            only the QAT phase)
     reports/train/          dvclive: per-epoch train/val losses and learning rate
     reports/timing/train/   dvclive: per-epoch seconds and training images/s (measurements)
 
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from trafficdet import modelmaker as mm
+from trafficdet.architectures import IMAGENET, START_POINTS
 from trafficdet.distribute import (
     Distribution,
     auto_shard_options,
@@ -36,6 +40,7 @@ from trafficdet.distribute import (
 )
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.history import make_history_callback
+from trafficdet.imagenet import copy_into_backbone
 from trafficdet.io import atomic_dir, read_json, write_json
 from trafficdet.params import TrainParams, load
 from trafficdet.paths import PRETRAINED, TRAIN_LIVE, TRAIN_STATE, TRAIN_TIMING, TRAINED
@@ -43,31 +48,33 @@ from trafficdet.paths import PRETRAINED, TRAIN_LIVE, TRAIN_STATE, TRAIN_TIMING, 
 
 def validate(params: TrainParams, train_size: int, val_size: int) -> Distribution:
     """Reject what params.yaml cannot check alone, before any TensorFlow work; return the plan."""
-    if params.batch_size > train_size:
-        raise PipelineError(
-            f"params.yaml train.batch_size: {params.batch_size} is larger than the training set ({train_size} images)"
-        )
-    if params.qat.enabled:
-        # Model Maker's quantization_aware_training() fails in this locked stack for every
-        # architecture: tfmot raises "Layer conv2dbn_block_N (Conv2DBNBlock) is not supported".
-        raise PipelineError(
-            "params.yaml train.qat.enabled: QAT does not work with the locked Model Maker 0.2.1.4 / tf-models 2.15 / "
-            "tfmot stack (tfmot cannot quantize tf-models' Conv2DBNBlock); use export.quantization: int8 "
-            "(post-training) instead"
-        )
+    for key, batch in (("batch_size", params.batch_size), ("qat.batch_size", params.qat.batch_size)):
+        if batch > train_size and (key == "batch_size" or params.qat.enabled):
+            raise PipelineError(f"params.yaml train.{key}: {batch} is larger than the training set ({train_size} images)")
+    start_point(params)
     plan = plan_distribution(params)
     check_batches(params, plan, val_size)
+    if params.qat.enabled and params.mixed_precision != "off":
+        raise PipelineError(
+            f"params.yaml train.qat.enabled: QAT with train.mixed_precision: {params.mixed_precision} is not supported "
+            "(fake-quantization is float32); set mixed_precision: off for a QAT run"
+        )
+    if params.qat.enabled and (plan.replicas > 1 or plan.workers > 1):
+        raise PipelineError(
+            f"params.yaml train.qat.enabled: QAT runs on one device only (distribution_strategy {plan.strategy} "
+            f"gives {plan.replicas} replicas); set train.distribution_strategy: off or one_device, or qat.enabled: false"
+        )
     return plan
 
 
 def leakage_warning(params: TrainParams, val_record: dict[str, Any]) -> str | None:
     """One line when a COCO-trained start point is validated on COCO train2017 images it was trained on.
 
-    Model Maker's checkpoints (``train.init: pretrained``) were trained on COCO train2017; the
-    cache stage records where the validation images come from.
+    Model Maker's checkpoints were trained on COCO train2017 (the ImageNet backbone and scratch
+    saw none of it); the cache stage records where the validation images come from.
     """
     seen = val_record.get("origins", {}).get("train2017", 0)
-    if params.init != "pretrained" or not seen:
+    if start_point(params) in ("scratch", IMAGENET) or not seen:
         return None
     return (
         f"train: warning: {seen} of {val_record['size']} validation images are from COCO train2017, which the pretrained "
@@ -76,19 +83,34 @@ def leakage_warning(params: TrainParams, val_record: dict[str, Any]) -> str | No
     )
 
 
-def init_checkpoint(params: TrainParams, num_classes: int, out: Path) -> None:
-    """Put the starting checkpoint in ``out``: the downloaded one, or a seeded scratch one."""
-    if params.init == "pretrained":
-        manifest = read_json(PRETRAINED / "manifest.json")
-        if manifest.get("pretrained") != params.architecture:
-            raise PipelineError(
-                f"train.init is pretrained for {params.architecture!r} but the download stage fetched "
-                f"{manifest.get('pretrained')!r}: set download.pretrained: {params.architecture}, or train.init: scratch"
-            )
-        shutil.copytree(PRETRAINED / params.architecture, out)
-    else:
-        spec = mm.model_spec(params.architecture, out)
-        mm.write_scratch_checkpoint(spec, num_classes, params.l2_weight_decay, out)
+def start_point(params: TrainParams) -> str:
+    """What training starts from: ``scratch`` or the download stage's start point, which must fit the architecture."""
+    if params.init == "scratch":
+        return "scratch"
+    fetched = read_json(PRETRAINED / "manifest.json").get("pretrained")
+    point = START_POINTS.get(fetched)
+    if point is None or params.architecture not in point.fits:
+        fitting = " or ".join(name for name, p in START_POINTS.items() if params.architecture in p.fits)
+        fits = f" (it fits {' and '.join(point.fits)})" if point else ""
+        raise PipelineError(
+            f"params.yaml train.init: pretrained {params.architecture!r}, but the download stage fetched {fetched!r}"
+            f"{fits}: set download.pretrained: {fitting}, or train.init: scratch"
+        )
+    return fetched
+
+
+def init_checkpoint(params: TrainParams, num_classes: int, out: Path) -> str:
+    """Put the starting checkpoint in ``out`` (Model Maker's layout); return the start point's name."""
+    start = start_point(params)
+    if start not in ("scratch", IMAGENET):  # a Model Maker COCO checkpoint, as downloaded
+        shutil.copytree(PRETRAINED / start, out)
+        return start
+    spec = mm.model_spec(params.architecture, out)
+    network = mm.build_network(spec, num_classes, params.l2_weight_decay)  # decoder and head start here in both cases
+    if start == IMAGENET:
+        copy_into_backbone(PRETRAINED / read_json(PRETRAINED / "manifest.json")["file"], network.backbone)
+    mm.write_init_checkpoint(network, spec, out)
+    return start
 
 
 def fingerprint(params: TrainParams) -> str:
@@ -97,8 +119,9 @@ def fingerprint(params: TrainParams) -> str:
     return hashlib.sha256(json.dumps([params.model_dump(), cached], sort_keys=True).encode()).hexdigest()
 
 
-def prepare_state(state_id: str, scratch: Path | None, state_dir: Path) -> Path:
-    """Keep a matching unfinished run's state (to resume) or start a fresh one; return the marker file.
+def prepare_state(state_id: str, scratch: Path | None, state_dir: Path) -> tuple[Path, bool]:
+    """Keep a matching unfinished run's state (to resume) or start a fresh one; return the marker file
+    and whether the float phase already finished (then only QAT is left to run).
 
     On a non-chief worker, a copy of the chief's backup goes into its scratch folder: Keras
     restores every worker from ``<backup>/chief``, and models/train_state stays the chief's.
@@ -106,16 +129,24 @@ def prepare_state(state_id: str, scratch: Path | None, state_dir: Path) -> Path:
     marker = TRAIN_STATE / "state.json"
     saved = read_json(marker) if marker.exists() else {}
     resume = saved.get("fingerprint") == state_id and not saved.get("complete")
+    float_done = bool(resume and saved.get("float_done"))
     if scratch is None:
         if not resume:
             shutil.rmtree(TRAIN_STATE, ignore_errors=True)
         TRAIN_STATE.mkdir(parents=True, exist_ok=True)
-        write_json(marker, {"fingerprint": state_id, "complete": False}, indent=True)
+        write_json(marker, {"fingerprint": state_id, "complete": False, "float_done": float_done}, indent=True)
     elif resume and (TRAIN_STATE / "backup/chief").exists():
         shutil.copytree(TRAIN_STATE / "backup/chief", state_dir / "backup/chief")
         if (TRAIN_STATE / "history.json").exists():
             shutil.copy2(TRAIN_STATE / "history.json", state_dir / "history.json")
-    return marker
+    return marker, float_done
+
+
+def keep_float_phase(out: Path, marker: Path, state_id: str) -> None:
+    """Keep the finished float checkpoint in models/train_state, so a kill during QAT does not repeat it."""
+    for file in out.glob("float_ckpt.*"):
+        shutil.copy2(file, TRAIN_STATE / file.name)
+    write_json(marker, {"fingerprint": state_id, "complete": False, "float_done": True}, indent=True)
 
 
 def train(params: TrainParams) -> dict[str, Any]:
@@ -147,7 +178,7 @@ def train(params: TrainParams) -> dict[str, Any]:
     )
     try:
         state_id = fingerprint(params)
-        marker = prepare_state(state_id, scratch, state_dir)
+        marker, float_done = prepare_state(state_id, scratch, state_dir)
         if plan.workers > 1:
             check_same_start(strategy, restored_epochs(state_dir / "backup"))
 
@@ -163,7 +194,7 @@ def train(params: TrainParams) -> dict[str, Any]:
 
         with atomic_dir(out_dir) as out:
             # Model.
-            init_checkpoint(params, len(labels), out / "init")
+            start = init_checkpoint(params, len(labels), out / "init")
             hparams = {
                 "learning_rate": params.learning_rate,
                 "batch_size": params.batch_size,
@@ -181,16 +212,39 @@ def train(params: TrainParams) -> dict[str, Any]:
             )
             mm.set_callbacks(detector, [history, tf.keras.callbacks.BackupAndRestore(str(state_dir / "backup"))])
 
-            # Loop.
+            # Loop: the float phase (unless a killed run finished it), then quantization-aware training.
             started = time.perf_counter()
-            mm.create_and_train(  # writes out/float_ckpt
-                detector, train_data, val_data, params.bn_momentum, params.mixed_precision, params.jit_compile
-            )
+            if float_done:
+                print(f"train: the float phase finished before the run stopped (kept in {TRAIN_STATE}); running QAT again")
+                history.replay()
+                for file in TRAIN_STATE.glob("float_ckpt.*"):
+                    shutil.copy2(file, out / file.name)
+                mm.restore_trained_float(detector, out / "float_ckpt", params.bn_momentum)
+            else:
+                mm.create_and_train(  # writes out/float_ckpt
+                    detector, train_data, val_data, params.bn_momentum, params.mixed_precision, params.jit_compile
+                )
+            qat_log = None
+            if params.qat.enabled:
+                if not float_done:
+                    keep_float_phase(out, marker, state_id)
+                tf.keras.utils.set_random_seed(params.seed)  # the same QAT after a kill as in one go
+                qat_log = mm.quantization_aware_training(
+                    detector,
+                    train_data,
+                    val_data,
+                    epochs=params.qat.epochs,
+                    learning_rate=params.qat.learning_rate,
+                    batch_size=params.qat.batch_size,
+                    alpha=params.cosine_decay_alpha,
+                )
+                mm.qat_checkpoint(detector).write(str(out / "qat_ckpt"))
 
             # Outputs.
             summary = {
                 "architecture": params.architecture,
                 "init": params.init,
+                "start_point": start,  # scratch, mobilenet_v2_imagenet or a Model Maker COCO checkpoint
                 "labels": labels,  # background first, as the model outputs them
                 "classes": labels[1:],
                 "l2_weight_decay": params.l2_weight_decay,
@@ -209,13 +263,15 @@ def train(params: TrainParams) -> dict[str, Any]:
                 },
                 "speed": mm.speed_settings(detector),
                 "final": history.history[-1] if history.history else {},
+                "qat": None if qat_log is None else {**params.qat.model_dump(exclude={"enabled"}), "history": qat_log},
             }
             final = {key: value for key, value in summary["final"].items() if key not in ("seconds", "train_images_per_s")}
             write_json(out / "train.json", {**summary, "final": final}, indent=True)  # measurements stay out
         if scratch is None:  # finished: what was kept for resuming goes
             write_json(marker, {"fingerprint": state_id, "complete": True}, indent=True)
             shutil.rmtree(TRAIN_STATE / "backup", ignore_errors=True)
-            (TRAIN_STATE / "history.json").unlink(missing_ok=True)
+            for kept in [TRAIN_STATE / "history.json", *TRAIN_STATE.glob("float_ckpt.*")]:
+                kept.unlink(missing_ok=True)
         return {**summary, "seconds": round(time.perf_counter() - started, 1)}
     finally:
         if scratch is not None:
@@ -230,6 +286,11 @@ def main() -> None:
         f"train: {summary['epochs']} epochs of {final.get('steps', '?')} steps in {summary['seconds']} s{scale}; "
         f"loss {final.get('total_loss', float('nan')):.3f}, val loss {final.get('val_total_loss', float('nan')):.3f}"
     )
+    if summary["qat"]:
+        last = summary["qat"]["history"][-1]
+        print(
+            f"train: QAT {summary['qat']['epochs']} epochs; loss {last['total_loss']:.3f}, val loss {last['val_total_loss']:.3f}"
+        )
     if not where["chief"]:
         print(f"train: {where['task']} is not the chief: its copy of the outputs was discarded (the chief writes {TRAINED})")
 

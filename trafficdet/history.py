@@ -104,18 +104,22 @@ def make_history_callback(
             self.started = self.validation_started = time.perf_counter()
             self.steps = 0
             if self.live is None:
-                self.history = self.history[:epoch]
-                shutil.rmtree(live_dir, ignore_errors=True)
-                shutil.rmtree(timing_dir, ignore_errors=True)
-                self.live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
-                self.timing = Live(str(timing_dir), dvcyaml=False, save_dvc_exp=False)
-                for record in self.history:
-                    self._log(record)
+                self.replay(epoch)
                 if epoch:
                     print(f"train: resuming after epoch {epoch} (from {history_file.parent})")
                 self.first_epoch = epoch
                 if steps_per_epoch == 1:  # no steady step to time: the first whole epoch will tell
                     self.train_rate = -1.0
+
+        def replay(self, epochs: int | None = None) -> None:
+            """Start fresh dvclive logs holding the first ``epochs`` kept epochs (default: all of them)."""
+            self.history = self.history[:epochs]
+            shutil.rmtree(live_dir, ignore_errors=True)
+            shutil.rmtree(timing_dir, ignore_errors=True)
+            self.live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
+            self.timing = Live(str(timing_dir), dvcyaml=False, save_dvc_exp=False)
+            for record in self.history:
+                self._log(record)
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             now = time.perf_counter()

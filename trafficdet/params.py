@@ -15,7 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from trafficdet.architectures import ARCHITECTURES
+from trafficdet.architectures import ARCHITECTURES, START_POINTS
 from trafficdet.errors import PipelineError
 from trafficdet.paths import PARAMS
 
@@ -36,7 +36,9 @@ HostName = Annotated[
 OptionalUrl = Annotated[str, Field(pattern=r"^(https?://\S+)?$", description="'' or an http:// or https:// URL")]
 
 Architecture = Literal["mobilenet_v2", "mobilenet_v2_i320", "mobilenet_multi_avg", "mobilenet_multi_avg_i384"]
+StartPoint = Literal["mobilenet_v2_imagenet", Architecture]
 assert set(Architecture.__args__) == set(ARCHITECTURES)  # type: ignore[attr-defined]
+assert set(StartPoint.__args__) == set(START_POINTS)  # type: ignore[attr-defined]
 
 
 class Section(BaseModel):
@@ -55,7 +57,7 @@ class DownloadParams(Section):
     annotations_checksum: Checksum
     relabel_url: OptionalUrl
     relabel_checksum: Checksum
-    pretrained: Literal[Architecture, "scratch"]
+    pretrained: Literal[StartPoint, "scratch"]
     checkpoint_url: OptionalUrl
     checkpoint_checksum: Checksum
     images: Literal["per_image", "zips"]
@@ -100,6 +102,9 @@ class SplitParams(Section):
 
 class QatParams(Section):
     enabled: bool
+    epochs: PositiveInt
+    learning_rate: PositiveFloat
+    batch_size: PositiveInt
 
 
 class TrainParams(Section):
@@ -130,7 +135,7 @@ class TrainParams(Section):
 
 class ExportParams(Section):
     name = "export"
-    quantization: Literal["float32", "float16", "int8", "dynamic"]
+    quantization: Literal["float32", "float16", "int8", "dynamic", "qat_int8"]
     representative_steps: PositiveInt
     latency_images: PositiveInt
     latency_repeats: PositiveInt
