@@ -51,8 +51,8 @@ def validate(params: TrainParams, train_size: int, val_size: int) -> Distributio
     for key, batch in (("batch_size", params.batch_size), ("qat.batch_size", params.qat.batch_size)):
         if batch > train_size and (key == "batch_size" or params.qat.enabled):
             raise PipelineError(f"params.yaml train.{key}: {batch} is larger than the training set ({train_size} images)")
+    plan = plan_distribution(params)  # TF_CONFIG first: it is the one a multi-worker user meets first
     start_point(params)
-    plan = plan_distribution(params)
     check_batches(params, plan, val_size)
     if params.qat.enabled and params.mixed_precision != "off":
         raise PipelineError(
@@ -219,7 +219,7 @@ def train(params: TrainParams) -> dict[str, Any]:
                 history.replay()
                 for file in TRAIN_STATE.glob("float_ckpt.*"):
                     shutil.copy2(file, out / file.name)
-                mm.restore_trained_float(detector, out / "float_ckpt", params.bn_momentum)
+                mm.restore_trained_float(detector, train_data, out / "float_ckpt", params.bn_momentum, params.jit_compile)
             else:
                 mm.create_and_train(  # writes out/float_ckpt
                     detector, train_data, val_data, params.bn_momentum, params.mixed_precision, params.jit_compile

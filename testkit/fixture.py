@@ -415,6 +415,7 @@ def download_params(base_url: str, manifest: dict[str, Any]) -> dict[str, Any]:
         "annotations_checksum": sums[ANNOTATIONS_ZIP],
         "relabel_url": f"{base_url}/{RELABEL_ZIP}",
         "relabel_checksum": sums[RELABEL_ZIP],
+        "pretrained": "mobilenet_multi_avg",  # the fixture's checkpoint is in Model Maker's layout for it
         "checkpoint_url": f"{base_url}/{CHECKPOINT_TARBALL}",
         "checkpoint_checksum": sums[CHECKPOINT_TARBALL],
         "train_zip_checksum": sums["zips/train2017.zip"],

@@ -543,12 +543,22 @@ def tf_message(err: Exception) -> str:
     return re.sub(r"\{\{[^}]*\}\}\s*", "", str(err)).strip().splitlines()[0][:200]
 
 
-def restore_trained_float(detector: Any, checkpoint: Path, bn_momentum: float | None) -> None:
-    """Rebuild the float model (as ``create_and_train`` built it) from a finished float phase's checkpoint."""
+def restore_trained_float(
+    detector: Any, train_data: Any, checkpoint: Path, bn_momentum: float | None, jit_compile: bool = False
+) -> None:
+    """Rebuild the float model (as ``create_and_train`` built it, optimizer included) from a finished float phase's checkpoint.
+
+    QAT refuses mixed precision, so a run that reaches this point trained in float32.
+    """
+    from mediapipe_model_maker.python.core.utils import model_util
+
     strategy = detector._hparams.get_strategy()
     replicas = strategy.num_replicas_in_sync if strategy else 1
     with strategy.scope() if strategy else contextlib.nullcontext():
-        create_model(detector, bn_momentum, replicas)
+        detector._optimizer = detector._create_optimizer(
+            model_util.get_steps_per_epoch(steps_per_epoch=None, batch_size=detector._hparams.batch_size, train_data=train_data)
+        )
+        create_model(detector, bn_momentum, replicas, jit_compile=jit_compile)
         detector._model.load_checkpoint(str(checkpoint), include_last_layer=True)
 
 
