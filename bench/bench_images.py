@@ -1,6 +1,6 @@
 """Image fetch against the loopback fixture server with 50 ms latency per request.
 
-Sequential (1 worker) vs parallel (--workers) runs of stages.images.fetch_per_image,
+Sequential (1 worker) vs parallel (--workers) runs of trafficdet.store.fetch_per_image,
 each on a fresh store, median of --runs. The server runs in its own process so it does
 not share the client's GIL. Target (issue 2): parallel >= 20x sequential.
 """
@@ -20,9 +20,9 @@ from common import OUT, machine, median
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.images import fetch_per_image  # noqa: E402
 from testkit.fixture import generate, image_records  # noqa: E402
 from trafficdet.fetch import RetryPolicy  # noqa: E402
+from trafficdet.store import Sources, fetch_per_image  # noqa: E402
 
 
 def main() -> None:
@@ -61,9 +61,10 @@ def main() -> None:
                 for run in range(args.runs):
                     store = Path(tmp) / f"store-{workers}-{run}"
                     start = time.perf_counter()
-                    results = fetch_per_image(wanted, store, url, workers, RetryPolicy(retries=2, backoff_s=0.1))
+                    sources = Sources.for_mirror(url, RetryPolicy(retries=2, backoff_s=0.1))
+                    results = fetch_per_image(wanted, store, sources, workers)
                     timings.setdefault(workers, []).append(time.perf_counter() - start)
-                    assert not any(results.values()), results
+                    assert not any(outcome.reason for outcome in results.values()), results
         finally:
             server.kill()
     sequential = median(timings[1])

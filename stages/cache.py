@@ -7,36 +7,36 @@ training can call ``Dataset.from_cache`` without the images) and reports/cache.j
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.io import atomic_dir, read_json, remove_stale_temps, write_json
-from trafficdet.modelmaker import model_maker_folder, quiet_tensorflow
+from trafficdet.modelmaker import model_maker_folder, quiet_tensorflow, write_coco_cache
 from trafficdet.paths import CACHE_REPORT, IMAGE_STORE, SIDES, SPLIT, cache_dir, split_labels
 
 
 def build_cache(split_dir: Path, cache_dir: Path, store: Path = IMAGE_STORE) -> dict[str, Any]:
     """Write the TFRecord cache of one split side; return its ``cache.json`` record."""
     quiet_tensorflow()
-    from mediapipe_model_maker.python.vision.object_detector import dataset_util
-    from mediapipe_model_maker.python.vision.object_detector.dataset import Dataset
-
     labels = read_json(split_dir / "labels.json")
     with atomic_dir(cache_dir) as tmp, model_maker_folder(split_dir / "labels.json", store) as folder:
-        dataset = Dataset.from_coco_folder(str(folder), cache_dir=str(tmp))
-        files = dataset_util.get_cache_files_coco(str(folder), str(tmp))
-        if dataset.size != len(labels["images"]):
+        files, size = write_coco_cache(folder, tmp)  # Model Maker's bytes, on every core
+        if size != len(labels["images"]):
             raise PipelineError(
-                f"{split_dir}: cached {dataset.size} of {len(labels['images'])} images "
+                f"{split_dir}: cached {size} of {len(labels['images'])} images "
                 "(Model Maker skips images whose boxes all fall outside the image)"
             )
         record = {
             "split": split_dir.name,
             "cache_prefix_filename": files.cache_prefix_filename,
             "num_shards": files.num_shards,
-            "size": dataset.size,
+            "size": size,
             "label_map": {str(k): v for k, v in sorted(files.load_metadata()["label_map"].items())},
+            # Where the images come from (train2017, val2017, own): the train stage warns when a
+            # COCO-trained checkpoint is validated on train2017 images it has seen.
+            "origins": dict(sorted(Counter(str(image.get("origin")) for image in labels["images"]).items())),
         }
         write_json(tmp / "cache.json", record, indent=True)
     return record

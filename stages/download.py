@@ -3,7 +3,9 @@
 Outputs (each a folder with a ``manifest.json`` of what was fetched and its sha256):
     data/raw/annotations/   instances_train2017.json + instances_val2017.json (or instances_own.json)
     data/raw/relabel/       cocoTraffic's instances_*Traffic.json, or only a manifest when disabled
-    models/pretrained/      <architecture>/ checkpoint files, or only a manifest for scratch
+    models/pretrained/      <start point>/ files: a Model Maker COCO checkpoint (unpacked) or
+                            Keras Applications' ImageNet MobileNetV2 weights (.h5); only a
+                            manifest for scratch
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from trafficdet.architectures import ARCHITECTURES
+from trafficdet.architectures import IMAGENET, START_POINTS
 from trafficdet.archive import extract_tar, extract_zip
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.fetch import RetryPolicy, fetch, file_digest, rewrite_mirror
+from trafficdet.imagenet import check_weights_file
 from trafficdet.io import atomic_dir, remove_stale_temps, write_json
 from trafficdet.params import DownloadParams, load
 from trafficdet.paths import DOWNLOADS, PRETRAINED, RAW_ANNOTATIONS, RAW_RELABEL
@@ -23,9 +26,11 @@ from trafficdet.sources import import_coco_folder, import_voc_folder
 
 COCO_INSTANCE_FILES = ("instances_train2017.json", "instances_val2017.json")
 CHECKPOINT_HINT = (
-    "the Model Maker checkpoint bucket has answered 403 AccessDenied since early 2026: set "
-    "download.checkpoint_url to a copy you host, or download.pretrained: scratch"
+    "Model Maker's checkpoint bucket has answered 403 AccessDenied since early 2026: set download.checkpoint_url "
+    f"to a copy you host, or use the default that downloads, download.pretrained: {IMAGENET} "
+    "(with train.architecture: mobilenet_v2), or download.pretrained: scratch"
 )
+IMAGENET_HINT = "set download.checkpoint_url to a copy of the file you host, or download.pretrained: scratch"
 
 
 def _source_record(url: str, path: Path) -> dict[str, Any]:
@@ -85,28 +90,34 @@ def download_relabel(url: str, checksum: str, policy: RetryPolicy, out: Path = R
 
 
 def download_checkpoint(pretrained: str, url: str, checksum: str, policy: RetryPolicy, out: Path = PRETRAINED) -> None:
-    """Fetch and unpack the architecture's checkpoint as ``out/<architecture>/``.
+    """Fetch the start point into ``out/<pretrained>/``: a Model Maker checkpoint or Keras' ImageNet weights.
 
-    Model Maker unpacks the same tarball by copying its single root folder; we keep
-    that folder's contents so the train stage can hand it to Model Maker unchanged.
+    Model Maker unpacks its checkpoint tarball by copying its single root folder; we keep
+    that folder's contents so the train stage can hand it to Model Maker unchanged. The
+    Keras weights file is kept as it is; the train stage builds the init checkpoint from it.
     """
     with atomic_dir(out) as tmp:
         if pretrained == "scratch":
             write_json(tmp / "manifest.json", {"pretrained": "scratch"}, indent=True)
             return
-        url = url or ARCHITECTURES[pretrained].checkpoint_url
-        tarball = fetch(url, DOWNLOADS / Path(url).name, checksum=checksum, policy=policy, hint=CHECKPOINT_HINT)
-        extract_tar(tarball, tmp / "unpacked")
-        roots = list((tmp / "unpacked").iterdir())
-        if len(roots) != 1 or not roots[0].is_dir():
-            raise PipelineError(f"{tarball}: expected a single root folder, found {sorted(p.name for p in roots)}")
-        roots[0].rename(tmp / pretrained)
-        shutil.rmtree(tmp / "unpacked")
-        write_json(
-            tmp / "manifest.json",
-            {"pretrained": pretrained, "folder": pretrained, "downloads": [_source_record(url, tarball)]},
-            indent=True,
-        )
+        point = START_POINTS[pretrained]
+        url = url or point.url
+        hint = IMAGENET_HINT if point.kind == "keras_imagenet" else CHECKPOINT_HINT
+        download = fetch(url, DOWNLOADS / Path(url).name, checksum=checksum, policy=policy, hint=hint)
+        record = {"pretrained": pretrained, "folder": pretrained, "downloads": [_source_record(url, download)]}
+        if point.kind == "keras_imagenet":
+            check_weights_file(download)
+            (tmp / pretrained).mkdir()
+            shutil.copyfile(download, tmp / pretrained / download.name)
+            record["file"] = f"{pretrained}/{download.name}"
+        else:
+            extract_tar(download, tmp / "unpacked")
+            roots = list((tmp / "unpacked").iterdir())
+            if len(roots) != 1 or not roots[0].is_dir():
+                raise PipelineError(f"{download}: expected a single root folder, found {sorted(p.name for p in roots)}")
+            roots[0].rename(tmp / pretrained)
+            shutil.rmtree(tmp / "unpacked")
+        write_json(tmp / "manifest.json", record, indent=True)
 
 
 def main() -> None:

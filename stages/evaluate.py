@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import numpy as np
 
 from trafficdet.app import AppDetector, read_frame
 from trafficdet.errors import PipelineError, run_stage
-from trafficdet.io import read_json, remove_stale_temps, write_bytes, write_json
+from trafficdet.io import atomic_dir, read_json, remove_stale_temps, write_bytes, write_json
 from trafficdet.model_card import render as render_model_card
 from trafficdet.modelmaker import keras_model, load_dataset, preprocessor, quiet_tensorflow, restore_detector
 from trafficdet.params import EvaluateParams, load
@@ -40,7 +39,10 @@ METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"]
 def coco_evaluate(ground_truth: dict[str, Any], detections: list[dict[str, Any]], backend: str = "pycocotools") -> dict[str, Any]:
     """COCO bbox metrics, overall and per class, with the per-class PR curves at IoU 0.5.
 
-    -1 means undefined, as in pycocotools (e.g. APs when there are no small objects).
+    -1 means undefined, as in pycocotools (e.g. APs when there are no small objects). The
+    ground truth goes to COCOeval as it is: its ``iscrowd: 1`` regions make detections
+    matched to them ignored (neither true nor false positives), its ``area`` sets the
+    small/medium/large ranges.
     """
     if backend == "faster_coco_eval":
         from faster_coco_eval import COCO
@@ -59,6 +61,10 @@ def coco_evaluate(ground_truth: dict[str, Any], detections: list[dict[str, Any]]
     with contextlib.redirect_stdout(io.StringIO()):  # both libraries print as they go
         gt = COCO()
         gt.dataset = copy.deepcopy(ground_truth)
+        # COCOeval records a match by the ground truth's id and reads id 0 as "no match": a
+        # labels.json numbering annotations from 0 would score its first box as missed.
+        for number, ann in enumerate(gt.dataset["annotations"], start=1):
+            ann["id"] = number
         gt.createIndex()
         dt = gt.loadRes(copy.deepcopy(detections))
         evaluator = COCOeval(gt, dt, "bbox")
@@ -128,7 +134,7 @@ def tflite_detections(model: Path, ground_truth: dict[str, Any], image_dir: Path
 def prediction_grid(
     ground_truth: dict[str, Any], detections: list[dict[str, Any]], image_dir: Path, count: int = 8, min_score: float = 0.3
 ):
-    """A 4-wide grid of validation images: ground truth in green, predictions in red."""
+    """A 4-wide grid of validation images: ground truth in green (crowd regions in yellow), predictions in red."""
     from PIL import Image, ImageDraw
 
     names = {c["id"]: c["name"] for c in ground_truth["categories"]}
@@ -140,7 +146,7 @@ def prediction_grid(
         for ann in ground_truth["annotations"]:
             if ann["image_id"] == image["id"]:
                 x, y, w, h = ann["bbox"]
-                draw.rectangle([x, y, x + w, y + h], outline=(0, 220, 0), width=2)
+                draw.rectangle([x, y, x + w, y + h], outline=(230, 200, 0) if ann.get("iscrowd") else (0, 220, 0), width=2)
         for det in detections:
             if det["image_id"] == image["id"] and det["score"] >= min_score:
                 x, y, w, h = det["bbox"]
@@ -155,7 +161,7 @@ def prediction_grid(
     return grid
 
 
-def write_results(live: Any, model: str, result: dict[str, Any], extra: dict[str, float]) -> None:
+def write_results(live: Any, model: str, result: dict[str, Any], extra: dict[str, float], out: Path) -> None:
     for metric, value in result["overall"].items():
         live.log_metric(f"{model}/{metric}", round(value, 4), plot=False)
     for name, value in extra.items():
@@ -164,12 +170,12 @@ def write_results(live: Any, model: str, result: dict[str, Any], extra: dict[str
         for metric, value in values.items():
             live.log_metric(f"{model}/per_class/{name}/{metric}", round(value, 4), plot=False)
     write_json(
-        EVALUATE_LIVE / "plots/ap" / f"{model}.json",
+        out / "plots/ap" / f"{model}.json",
         [{"class": name, "AP": max(v["AP"], 0.0)} for name, v in result["per_class"].items()],
         indent=True,
     )
     for name, curve in result["pr"].items():
-        write_json(EVALUATE_LIVE / "plots/pr" / f"{model}_{name}.json", curve, indent=True)
+        write_json(out / "plots/pr" / f"{model}_{name}.json", curve, indent=True)
 
 
 def evaluate(params: EvaluateParams) -> dict[str, dict[str, Any]]:
@@ -181,18 +187,20 @@ def evaluate(params: EvaluateParams) -> dict[str, dict[str, Any]]:
         raise PipelineError(f"{MODEL_METADATA}: no 'input' contract (written by an older export); run the export stage again")
     ground_truth = read_json(split_labels("val"))
     quiet_tensorflow()
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()  # the same metrics from the same model, as train does
 
     from dvclive import Live
 
-    shutil.rmtree(EVALUATE_LIVE, ignore_errors=True)
-    with Live(str(EVALUATE_LIVE), dvcyaml=False, save_dvc_exp=False) as live:
-        detector = restore_detector(TRAINED, TRAINED)
-        keras_dets, losses = keras_detections(detector, params.batch_size)
-        keras = coco_evaluate(ground_truth, keras_dets, backend)
-        write_results(live, "keras", keras, losses)
-        tflite_dets = tflite_detections(MODEL, ground_truth, IMAGE_STORE, params.max_detections)
-        tflite = coco_evaluate(ground_truth, tflite_dets, backend)
-        write_results(live, "tflite", tflite, {})
+    detector = restore_detector(TRAINED, TRAINED)
+    keras_dets, losses = keras_detections(detector, params.batch_size)
+    keras = coco_evaluate(ground_truth, keras_dets, backend)
+    tflite_dets = tflite_detections(MODEL, ground_truth, IMAGE_STORE, params.max_detections)
+    tflite = coco_evaluate(ground_truth, tflite_dets, backend)
+    with atomic_dir(EVALUATE_LIVE) as out, Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:  # all or nothing
+        write_results(live, "keras", keras, losses, out)
+        write_results(live, "tflite", tflite, {}, out)
         live.log_image("predictions.png", prediction_grid(ground_truth, tflite_dets, IMAGE_STORE))
     card = render_model_card(metadata, keras, tflite, len(ground_truth["images"]), MODEL.stat().st_size)
     write_bytes(MODEL_CARD, card.encode())

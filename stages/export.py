@@ -14,18 +14,21 @@ and data/images/ for the latency run); writes
 
 from __future__ import annotations
 
+import io
 import json
 import statistics
+import struct
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from trafficdet.app import INPUT_CONTRACT, AppDetector, read_frame
 from trafficdet.architectures import ARCHITECTURES
-from trafficdet.errors import run_stage
+from trafficdet.errors import PipelineError, run_stage
 from trafficdet.io import read_json, remove_stale_temps, write_bytes, write_json
-from trafficdet.modelmaker import load_dataset, quiet_tensorflow, restore_detector
+from trafficdet.modelmaker import load_dataset, quiet_tensorflow, restore_detector, restore_qat_detector
 from trafficdet.params import ExportParams, load
 from trafficdet.paths import EXPORT_REPORT, EXPORT_TIMING, IMAGE_STORE, MODEL, MODEL_LABELS, MODEL_METADATA, TRAINED, split_labels
 
@@ -40,7 +43,8 @@ def shorten_lists(value: Any, limit: int = 100) -> Any:
 
 
 def quantization_config(kind: str, representative_steps: int):
-    """Model Maker's post-training quantization config for ``kind`` (None: float32)."""
+    """Model Maker's post-training quantization config for ``kind`` (None: float32, or qat_int8, which
+    Model Maker exports as int8 with uint8 input and output because the model is a QAT one)."""
     from mediapipe_model_maker.python.core.utils import quantization
 
     if kind == "float16":
@@ -50,6 +54,32 @@ def quantization_config(kind: str, representative_steps: int):
     if kind == "int8":  # representative set: the training images, as the model will see them
         return quantization.QuantizationConfig.for_int8(load_dataset("train"), quantization_steps=representative_steps)
     return None
+
+
+DOS_EPOCH = struct.pack("<HH", 0, (1 << 5) | 1)  # 00:00:00 on 1980-01-01, as (time, date)
+
+
+def pin_zip_times(model: bytes) -> bytes:
+    """The model with the modification times of its packed files set to 1980-01-01.
+
+    MediaPipe's metadata writer appends labels.txt as a zip member stamped with the time of
+    the export, the only byte that differs between two exports of the same checkpoint. By
+    hand because no library rewrites a zip in place: the four time/date bytes of each local
+    header and central directory entry are overwritten, nothing moves, CRCs stay valid.
+    """
+    if not zipfile.is_zipfile(io.BytesIO(model)):
+        return model  # nothing packed
+    data = bytearray(model)
+    with zipfile.ZipFile(io.BytesIO(model)) as zf:
+        infos, position = zf.infolist(), zf.start_dir
+    for info in infos:
+        assert data[info.header_offset : info.header_offset + 4] == b"PK\x03\x04"
+        data[info.header_offset + 10 : info.header_offset + 14] = DOS_EPOCH
+        assert data[position : position + 4] == b"PK\x01\x02"
+        data[position + 12 : position + 16] = DOS_EPOCH
+        name, extra, comment = struct.unpack("<HHH", data[position + 28 : position + 34])
+        position += 46 + name + extra + comment
+    return bytes(data)
 
 
 def measure_latency(model: Path, images: list[Path], repeats: int) -> dict[str, float]:
@@ -70,11 +100,16 @@ def export(params: ExportParams, out_model: Path = MODEL) -> dict[str, Any]:
     """Export ``models/model.tflite`` (+ metadata, labels); return the report."""
     kind = params.quantization
     summary = read_json(TRAINED / "train.json")
+    if kind == "qat_int8" and not summary.get("qat"):
+        raise PipelineError(
+            f"params.yaml export.quantization: qat_int8 needs a model trained with QAT, and {TRAINED} has none: "
+            "set train.qat.enabled: true (and rerun train), or export.quantization: int8 (post-training)"
+        )
     quiet_tensorflow()
     out_model.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="export.") as scratch:  # in data/.tmp/<pid>
         tmp = Path(scratch)
-        detector = restore_detector(TRAINED, tmp)
+        detector = restore_qat_detector(TRAINED, tmp) if kind == "qat_int8" else restore_detector(TRAINED, tmp)
         detector.export_model("model.tflite", quantization_config(kind, params.representative_steps))
         tflite_metadata = shorten_lists(json.loads((tmp / "metadata.json").read_text()))
         names = sorted(image["file_name"] for image in read_json(split_labels("val"))["images"])
@@ -90,10 +125,12 @@ def export(params: ExportParams, out_model: Path = MODEL) -> dict[str, Any]:
             "quantization": kind,
             "labels": summary["labels"],  # output order: index 0 is background
             "trained_epochs": summary["epochs"],
+            "qat_epochs": len(summary["qat"]["history"]) if summary.get("qat") else 0,
             "init": summary["init"],
+            "start_point": summary.get("start_point", summary["init"]),
             "tflite_metadata": tflite_metadata,
         }
-        write_bytes(out_model, (tmp / "model.tflite").read_bytes())
+        write_bytes(out_model, pin_zip_times((tmp / "model.tflite").read_bytes()))
     write_json(MODEL_METADATA, metadata, indent=True)
     write_bytes(MODEL_LABELS, ("\n".join(summary["labels"]) + "\n").encode())
     report = {"quantization": kind, "size_bytes": size, "size_mb": round(size / 2**20, 3)}

@@ -1,54 +1,39 @@
 """filter: pool the source annotations, apply the relabel overlay, keep the chosen classes.
 
 Reads data/raw/annotations/*.json and data/raw/relabel/*.json; writes
-    data/filtered/labels.json     COCO file, category ids remapped to 1..K in filter.classes order
+    data/filtered/labels.json     COCO file, category ids remapped to 1..K in filter.classes order;
+                                  crowd regions kept (iscrowd 1), COCO's area kept; images keep
+                                  their origin (train2017, val2017, own) for the split
     data/filtered/label_map.json  new id -> name and the source ids it came from
-    reports/filter.json           per-class image/annotation counts and what was dropped (DVC metrics)
+    reports/filter.json           per-class counts, the selection, what was dropped or left out (DVC metrics)
 """
 
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from trafficdet.coco import Pool, load_pool, read_coco
+from trafficdet.coco import Pool, clean_box, coco_area, load_pool
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.io import remove_stale_temps, write_json
+from trafficdet.overlay import apply_relabel, watched_lights
 from trafficdet.params import FilterParams, load
 from trafficdet.paths import FILTER_REPORT, FILTERED_LABELS, LABEL_MAP, RAW_ANNOTATIONS, RAW_RELABEL
 
+__all__ = ["clean_box", "filter_dataset", "relabel_files"]  # clean_box: tested here, where the filter uses it
+EXTRA_LIGHT_CLASS = "traffic_light"  # filter.unrelabelled_lights: traffic_light
+UNRELABELLED = ("mislabelled", "outside_overlay")
+DROP_REASONS = ("other_class", "unrelabelled_light", "malformed", "degenerate", "outside_image", "too_small", "no_such_image")
 
-def apply_relabel(pool: Pool, files: list[Path]) -> dict[str, int]:
-    """Overwrite category ids by annotation id from cocoTraffic files; record its split.
 
-    Files whose name contains ``train`` / ``val`` mark their images' ``published_split``.
-    """
-    new_category: dict[int, int] = {}
-    for path in files:
-        data = read_coco(path)
-        for category in data.categories:
-            pool.categories.setdefault(category.id, category.name)
-        name = path.stem.lower()
-        side = "train" if "train" in name else "val" if "val" in name else None
-        for ann in data.annotations:
-            new_category[ann.id] = ann.category_id
-        if side:
-            for image in data.images:
-                if image.id in pool.images:
-                    pool.images[image.id]["published_split"] = side
-    changed = matched = 0
-    for ann in pool.annotations:
-        target = new_category.get(ann.id)
-        if target is None:
-            continue
-        matched += 1
-        if target != ann.category_id:
-            ann.category_id = target
-            changed += 1
-    return {"relabelled": changed, "overlay_annotations": len(new_category), "overlay_unmatched": len(new_category) - matched}
+class Box(NamedTuple):
+    ann_id: int
+    class_id: int
+    bbox: list[float]
+    area: float
+    crowd: bool
 
 
 def resolve_classes(pool: Pool, classes: list[str], overlay: bool) -> dict[int, int]:
@@ -68,6 +53,8 @@ def resolve_classes(pool: Pool, classes: list[str], overlay: bool) -> dict[int, 
             hint = ""
             if name.startswith("traffic_light_") and not overlay:
                 hint = " (the cocoTraffic overlay is off: set download.relabel_url, or use 'traffic light')"
+            if name == EXTRA_LIGHT_CLASS and overlay:
+                hint = " (it is added after filter.classes by filter.unrelabelled_lights: traffic_light)"
             raise PipelineError(
                 f"params.yaml filter.classes: {name!r} is not a category of the source annotations{hint}; "
                 f"known: {', '.join(sorted(by_name))}"
@@ -77,44 +64,23 @@ def resolve_classes(pool: Pool, classes: list[str], overlay: bool) -> dict[int, 
     return mapping
 
 
-def clean_box(bbox: Any, width: float, height: float, min_side: float) -> tuple[list[float] | None, str]:
-    """Clip a COCO xywh box to its image; return (box, "") or (None, reason)."""
-    if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
-        return None, "malformed"
-    x, y, w, h = bbox
-    if w <= 0 or h <= 0:
-        return None, "degenerate"
-    x0, y0, x1, y1 = max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)
-    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-        return None, "outside_image"
-    if x1 - x0 < min_side or y1 - y0 < min_side:
-        return None, "too_small"
-    clipped = [x0, y0, _fit(x0, x1 - x0, width), _fit(y0, y1 - y0, height)]
-    return clipped, "clipped" if clipped != [x, y, w, h] else ""
-
-
-def _fit(start: float, size: float, limit: float) -> float:
-    """Shrink ``size`` by float ulps until ``start + size <= limit``.
-
-    Model Maker silently skips a box whose right or bottom edge exceeds the image by
-    even one rounding error, so the clipped box must fit exactly.
-    """
-    while start + size > limit:
-        size = math.nextafter(size, 0.0)
-    return size
-
-
 def select_images(
-    by_class: dict[int, list[int]], classes: list[str], include_all: list[str], images_per_class: int | str, seed: int
-) -> tuple[set[int], dict[str, int]]:
-    """The documented selection rule (see params.yaml filter:), seeded."""
+    by_class: dict[int, list[int]],
+    classes: list[str],
+    include_all: list[str],
+    images_per_class: int | str,
+    seed: int,
+    kept_all: set[int] | None = None,
+) -> tuple[set[int], dict[str, Any]]:
+    """The documented selection rule (see params.yaml filter:), seeded; ``kept_all`` comes first."""
     ids = {name: index for index, name in enumerate(classes, start=1)}
     unknown = [name for name in include_all if name not in ids]
     if unknown:
         raise PipelineError(f"params.yaml filter.include_all: {unknown} not in filter.classes")
-    selected: set[int] = set()
+    selected: set[int] = set(kept_all or ())
     for name in include_all:
         selected.update(by_class[ids[name]])
+    included = len(selected) - len(kept_all or ())
     rng = random.Random(seed)
     added = {}
     for name in classes:
@@ -122,46 +88,62 @@ def select_images(
             continue
         candidates = [image_id for image_id in by_class[ids[name]] if image_id not in selected]
         take = len(candidates) if images_per_class == "all" else min(images_per_class, len(candidates))
-        chosen = rng.sample(candidates, take)
-        selected.update(chosen)
+        selected.update(rng.sample(candidates, take))
         added[name] = take
-    return selected, added
+    return selected, {"include_all": included, "added_per_class": added}
 
 
 def filter_dataset(annotation_files: list[Path], relabel_files: list[Path], params: FilterParams) -> tuple[dict, list, dict]:
     """Return (COCO dict, label map, report) for the configured classes and selection rule."""
     pool = load_pool(annotation_files)
-    overlay = apply_relabel(pool, relabel_files) if relabel_files else {}
-    classes = params.classes
-    mapping = resolve_classes(pool, classes, bool(relabel_files))
-    min_side = params.min_box_side
+    overlay = apply_relabel(pool, relabel_files) if relabel_files else None
+    classes, include_all = list(params.classes), list(params.include_all)
+    mapping = resolve_classes(pool, classes, overlay is not None)
+    lights = watched_lights(pool, mapping, overlay)
+    exclude_lights = params.unrelabelled_lights == "exclude"
+    if lights and not exclude_lights:
+        assert overlay is not None  # lights are watched only with the overlay on
+        colours = {classes[new_id - 1] for source, new_id in mapping.items() if source in overlay.categories}
+        classes.append(EXTRA_LIGHT_CLASS)
+        mapping.update(dict.fromkeys(lights, len(classes)))
+        if colours & set(include_all):
+            include_all.append(EXTRA_LIGHT_CLASS)  # kept like the other light images
+
     dropped: Counter[str] = Counter()
-    kept: dict[int, list[tuple[int, int, list[float]]]] = defaultdict(list)  # image -> (ann id, new cat, box)
-    drop_crowd = params.drop_crowd
+    unrelabelled: dict[str, set[int]] = {reason: set() for reason in UNRELABELLED}
+    kept: dict[int, list[Box]] = defaultdict(list)
     for ann in pool.annotations:
+        light = ann.category_id in lights
         new_id = mapping.get(ann.category_id)
-        if new_id is None:
+        if new_id is None and not light:
             dropped["other_class"] += 1
             continue
         image = pool.images.get(ann.image_id)
         if image is None:
             dropped["no_such_image"] += 1
             continue
-        if ann.iscrowd and drop_crowd:
-            dropped["crowd"] += 1
-            continue
-        box, reason = clean_box(ann.bbox, image["width"], image["height"], min_side)
+        box, reason = clean_box(ann.bbox, image["width"], image["height"], params.min_box_side)
         if box is None:
             dropped[reason] += 1
             continue
+        if light:
+            assert overlay is not None
+            unrelabelled[overlay.unrelabelled_reason(ann.id)].add(ann.image_id)
+            if exclude_lights:
+                dropped["unrelabelled_light"] += 1
+                continue
         if reason:
             dropped["clipped_kept"] += 1
-        kept[ann.image_id].append((ann.id, new_id, box))
-    by_class: dict[int, list[int]] = defaultdict(list)
-    for image_id in sorted(kept):
-        for class_id in sorted({cat for _, cat, _ in kept[image_id]}):
+        kept[ann.image_id].append(Box(ann.id, mapping[ann.category_id], box, coco_area(ann, box), bool(ann.iscrowd)))
+
+    left_out = set().union(*unrelabelled.values()) if exclude_lights else set()
+    by_class: dict[int, list[int]] = defaultdict(list)  # crowds alone do not make an image hold a class
+    for image_id in sorted(set(kept) - left_out):
+        for class_id in sorted({b.class_id for b in kept[image_id] if not b.crowd}):
             by_class[class_id].append(image_id)
-    selected, added = select_images(by_class, classes, params.include_all, params.images_per_class, params.seed)
+    candidates = {image_id for members in by_class.values() for image_id in members}
+    kept_all = {image_id for image_id in candidates if pool.images[image_id].get("origin") in params.keep_all_from}
+    selected, selection = select_images(by_class, classes, include_all, params.images_per_class, params.seed, kept_all)
 
     images, annotations = [], []
     seen_names: dict[str, int] = {}
@@ -172,34 +154,56 @@ def filter_dataset(annotation_files: list[Path], relabel_files: list[Path], para
             raise PipelineError(f"images {seen_names[image['file_name']]} and {image_id} share file name {image['file_name']!r}")
         seen_names[image["file_name"]] = image_id
         images.append(image)
-        for ann_id, new_id, (x, y, w, h) in kept[image_id]:
+        for b in kept[image_id]:
             annotations.append(
-                {"id": ann_id, "image_id": image_id, "category_id": new_id, "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0}
+                {
+                    "id": b.ann_id,
+                    "image_id": image_id,
+                    "category_id": b.class_id,
+                    "bbox": b.bbox,
+                    "area": b.area,
+                    "iscrowd": int(b.crowd),
+                }
             )
     categories = [{"id": index, "name": name} for index, name in enumerate(classes, start=1)]
     label_map = [
         {"id": index, "name": name, "source_ids": sorted(s for s, t in mapping.items() if t == index)}
         for index, name in enumerate(classes, start=1)
     ]
-    per_class_ann = Counter(ann["category_id"] for ann in annotations)
-    per_class_img = Counter(cat for image in selected for cat in {c for _, c, _ in kept[image]})
     report = {
         "images": len(images),
         "annotations": len(annotations),
+        "crowd_regions": sum(ann["iscrowd"] for ann in annotations),
         "source_images": len(pool.images),
         "source_annotations": len(pool.annotations),
-        "classes": {
-            name: {"images": per_class_img[i], "annotations": per_class_ann[i]} for i, name in enumerate(classes, start=1)
-        },
-        "dropped": {
-            reason: dropped[reason]
-            for reason in ("other_class", "crowd", "malformed", "degenerate", "outside_image", "too_small", "no_such_image")
-        },
+        "origins": origin_counts(pool, selected),
+        "classes": class_counts(classes, annotations),
+        "selection": {"keep_all_from": origin_counts(pool, kept_all, params.keep_all_from), **selection},
+        "dropped": {reason: dropped[reason] for reason in DROP_REASONS},
         "clipped_kept": dropped["clipped_kept"],
-        "added_per_class": added,
-        **({"overlay": overlay} if overlay else {}),
+        **({"overlay": overlay.report} if overlay else {}),
     }
+    if lights:
+        report["unrelabelled_lights"] = {
+            "handling": params.unrelabelled_lights,
+            "images": {reason: len(unrelabelled[reason]) for reason in UNRELABELLED},
+            "images_left_out": len(left_out),
+        }
     return {"images": images, "annotations": annotations, "categories": categories}, label_map, report
+
+
+def origin_counts(pool: Pool, image_ids: set[int], origins: list[str] | None = None) -> dict[str, int]:
+    """Images per origin (train2017, val2017, own), for ``origins`` or every origin present."""
+    counts = Counter(str(pool.images[image_id].get("origin")) for image_id in image_ids)
+    return {origin: counts[origin] for origin in (origins if origins is not None else sorted(counts))}
+
+
+def class_counts(classes: list[str], annotations: list[dict]) -> dict[str, dict[str, int]]:
+    """Per class: images holding it and its boxes (crowd regions apart: they are not trained on)."""
+    boxes = Counter(ann["category_id"] for ann in annotations if not ann["iscrowd"])
+    crowds = Counter(ann["category_id"] for ann in annotations if ann["iscrowd"])
+    images = Counter(cat for image, cat in {(a["image_id"], a["category_id"]) for a in annotations if not a["iscrowd"]})
+    return {name: {"images": images[i], "annotations": boxes[i], "crowd_regions": crowds[i]} for i, name in enumerate(classes, 1)}
 
 
 def relabel_files(relabel_dir: Path = RAW_RELABEL) -> list[Path]:
@@ -218,7 +222,17 @@ def main() -> None:
     write_json(FILTERED_LABELS, coco)
     write_json(LABEL_MAP, label_map, indent=True)
     write_json(FILTER_REPORT, report, indent=True)
-    print(f"filter: kept {report['images']} images, {report['annotations']} boxes; dropped {report['dropped']}")
+    print(
+        f"filter: kept {report['images']} images {report['origins']}, {report['annotations']} boxes; dropped {report['dropped']}"
+    )
+    lights = report.get("unrelabelled_lights")
+    if lights and lights["images_left_out"]:
+        counts = lights["images"]
+        print(
+            f"filter: left out {lights['images_left_out']} images holding traffic lights the overlay did not relabel "
+            f"({counts['mislabelled']} with mislabelled ones, {counts['outside_overlay']} outside the overlay); "
+            "filter.unrelabelled_lights: traffic_light keeps them as one more class"
+        )
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """train: fine-tune Model Maker's object detector on the cached TFRecords, resumably.
 
-Reads data/cache/{train,val} and models/pretrained (or builds a scratch initialisation);
-writes
+Reads data/cache/{train,val} and models/pretrained (a Model Maker COCO checkpoint, Keras'
+ImageNet MobileNetV2 for the backbone, or nothing for a seeded scratch initialisation); writes
     models/train/           float_ckpt.*, init/ (the starting checkpoint, needed to rebuild
-                            the model) and train.json
+                            the model), train.json and, with train.qat.enabled, qat_ckpt.*
+                            (the quantization-aware fine-tune export.quantization: qat_int8 reads)
     models/train_state/     persist: the last finished epoch (Keras BackupAndRestore) and the
-                            logged history, so a killed run continues where it stopped
+                            logged history, so a killed run continues where it stopped; once
+                            the float phase is done, its checkpoint (a kill during QAT reruns
+                            only the QAT phase)
     reports/train/          dvclive: per-epoch train/val losses and learning rate
     reports/timing/train/   dvclive: per-epoch seconds and training images/s (measurements)
 
@@ -15,8 +18,6 @@ workers train in step with it and discard what they write (trafficdet/distribute
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import tempfile
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from trafficdet import modelmaker as mm
+from trafficdet.architectures import IMAGENET, START_POINTS
 from trafficdet.distribute import (
     Distribution,
     auto_shard_options,
@@ -37,81 +39,97 @@ from trafficdet.distribute import (
 )
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.history import make_history_callback
+from trafficdet.imagenet import copy_into_backbone
 from trafficdet.io import atomic_dir, read_json, write_json
 from trafficdet.params import TrainParams, load
 from trafficdet.paths import PRETRAINED, TRAIN_LIVE, TRAIN_STATE, TRAIN_TIMING, TRAINED
+from trafficdet.resume import fingerprint, keep_float_phase, mark_complete, prepare_state
 
 
 def validate(params: TrainParams, train_size: int, val_size: int) -> Distribution:
     """Reject what params.yaml cannot check alone, before any TensorFlow work; return the plan."""
-    if params.batch_size > train_size:
-        raise PipelineError(
-            f"params.yaml train.batch_size: {params.batch_size} is larger than the training set ({train_size} images)"
-        )
-    if params.qat.enabled:
-        # Model Maker's quantization_aware_training() fails in this locked stack for every
-        # architecture: tfmot raises "Layer conv2dbn_block_N (Conv2DBNBlock) is not supported".
-        raise PipelineError(
-            "params.yaml train.qat.enabled: QAT does not work with the locked Model Maker 0.2.1.4 / tf-models 2.15 / "
-            "tfmot stack (tfmot cannot quantize tf-models' Conv2DBNBlock); use export.quantization: int8 "
-            "(post-training) instead"
-        )
-    plan = plan_distribution(params)
+    for key, batch in (("batch_size", params.batch_size), ("qat.batch_size", params.qat.batch_size)):
+        if batch > train_size and (key == "batch_size" or params.qat.enabled):
+            raise PipelineError(f"params.yaml train.{key}: {batch} is larger than the training set ({train_size} images)")
+    plan = plan_distribution(params)  # TF_CONFIG first: it is the one a multi-worker user meets first
+    start_point(params)
     check_batches(params, plan, val_size)
+    if params.qat.enabled and params.mixed_precision != "off":
+        raise PipelineError(
+            f"params.yaml train.qat.enabled: QAT with train.mixed_precision: {params.mixed_precision} is not supported "
+            "(fake-quantization is float32); set mixed_precision: off for a QAT run"
+        )
+    if params.qat.enabled and (plan.replicas > 1 or plan.workers > 1):
+        raise PipelineError(
+            f"params.yaml train.qat.enabled: QAT runs on one device only (distribution_strategy {plan.strategy} "
+            f"gives {plan.replicas} replicas); set train.distribution_strategy: off or one_device, or qat.enabled: false"
+        )
     return plan
 
 
-def init_checkpoint(params: TrainParams, num_classes: int, out: Path) -> None:
-    """Put the starting checkpoint in ``out``: the downloaded one, or a seeded scratch one."""
-    if params.init == "pretrained":
-        manifest = read_json(PRETRAINED / "manifest.json")
-        if manifest.get("pretrained") != params.architecture:
-            raise PipelineError(
-                f"train.init is pretrained for {params.architecture!r} but the download stage fetched "
-                f"{manifest.get('pretrained')!r}: set download.pretrained: {params.architecture}, or train.init: scratch"
-            )
-        shutil.copytree(PRETRAINED / params.architecture, out)
-    else:
-        spec = mm.model_spec(params.architecture, out)
-        mm.write_scratch_checkpoint(spec, num_classes, params.l2_weight_decay, out)
+def leakage_warning(params: TrainParams, val_record: dict[str, Any]) -> str | None:
+    """One line when a COCO-trained start point is validated on COCO train2017 images it was trained on.
 
-
-def fingerprint(params: TrainParams) -> str:
-    """What a saved training state belongs to: the params and the exact cached data."""
-    cached = [mm.cache_record(side) for side in ("train", "val")]
-    return hashlib.sha256(json.dumps([params.model_dump(), cached], sort_keys=True).encode()).hexdigest()
-
-
-def prepare_state(state_id: str, scratch: Path | None, state_dir: Path) -> Path:
-    """Keep a matching unfinished run's state (to resume) or start a fresh one; return the marker file.
-
-    On a non-chief worker, a copy of the chief's backup goes into its scratch folder: Keras
-    restores every worker from ``<backup>/chief``, and models/train_state stays the chief's.
+    Model Maker's checkpoints were trained on COCO train2017 (the ImageNet backbone and scratch
+    saw none of it); the cache stage records where the validation images come from.
     """
-    marker = TRAIN_STATE / "state.json"
-    saved = read_json(marker) if marker.exists() else {}
-    resume = saved.get("fingerprint") == state_id and not saved.get("complete")
-    if scratch is None:
-        if not resume:
-            shutil.rmtree(TRAIN_STATE, ignore_errors=True)
-        TRAIN_STATE.mkdir(parents=True, exist_ok=True)
-        write_json(marker, {"fingerprint": state_id, "complete": False}, indent=True)
-    elif resume and (TRAIN_STATE / "backup/chief").exists():
-        shutil.copytree(TRAIN_STATE / "backup/chief", state_dir / "backup/chief")
-        if (TRAIN_STATE / "history.json").exists():
-            shutil.copy2(TRAIN_STATE / "history.json", state_dir / "history.json")
-    return marker
+    seen = val_record.get("origins", {}).get("train2017", 0)
+    if start_point(params) in ("scratch", IMAGENET) or not seen:
+        return None
+    return (
+        f"train: warning: {seen} of {val_record['size']} validation images are from COCO train2017, which the pretrained "
+        f"{params.architecture} checkpoint was trained on: validation loss and AP are optimistic and not comparable "
+        "with published COCO figures (split.method: coco validates on val2017 only)"
+    )
+
+
+def start_point(params: TrainParams) -> str:
+    """What training starts from: ``scratch`` or the download stage's start point, which must fit the architecture."""
+    if params.init == "scratch":
+        return "scratch"
+    fetched = read_json(PRETRAINED / "manifest.json").get("pretrained")
+    point = START_POINTS.get(fetched)
+    if point is None or params.architecture not in point.fits:
+        fitting = " or ".join(name for name, p in START_POINTS.items() if params.architecture in p.fits)
+        fits = f" (it fits {' and '.join(point.fits)})" if point else ""
+        raise PipelineError(
+            f"params.yaml train.init: pretrained {params.architecture!r}, but the download stage fetched {fetched!r}"
+            f"{fits}: set download.pretrained: {fitting}, or train.init: scratch"
+        )
+    return fetched
+
+
+def init_checkpoint(params: TrainParams, num_classes: int, out: Path) -> str:
+    """Put the starting checkpoint in ``out`` (Model Maker's layout); return the start point's name."""
+    start = start_point(params)
+    if start not in ("scratch", IMAGENET):  # a Model Maker COCO checkpoint, as downloaded
+        shutil.copytree(PRETRAINED / start, out)
+        return start
+    spec = mm.model_spec(params.architecture, out)
+    network = mm.build_network(spec, num_classes, params.l2_weight_decay)  # decoder and head start here in both cases
+    if start == IMAGENET:
+        copy_into_backbone(PRETRAINED / read_json(PRETRAINED / "manifest.json")["file"], network.backbone)
+    mm.write_init_checkpoint(network, spec, out)
+    return start
 
 
 def train(params: TrainParams) -> dict[str, Any]:
     """Train (resuming if a matching state exists) and write models/train atomically (on the chief only)."""
     # Config: everything checkable is checked before TensorFlow starts.
-    train_info = mm.cache_record("train")
-    plan = validate(params, train_info["size"], mm.cache_record("val")["size"])
+    train_info, val_info = mm.cache_record("train"), mm.cache_record("val")
+    plan = validate(params, train_info["size"], val_info["size"])
+    warning = leakage_warning(params, val_info)
+    if warning and plan.chief:
+        print(warning, flush=True)
     mm.quiet_tensorflow()
     import tensorflow as tf
 
     strategy = make_strategy(plan, params)  # first: nothing may touch TensorFlow's runtime before it
+    if params.mixed_precision == "float16" and not tf.config.list_physical_devices("GPU"):
+        raise PipelineError(
+            "params.yaml train.mixed_precision: float16 needs a GPU (TensorFlow sees none here); "
+            "use off, or bfloat16 (runs on a CPU, slowly)"
+        )
     tf.keras.utils.set_random_seed(params.seed)
     tf.config.experimental.enable_op_determinism()  # identical weights for a fixed seed on CPU
 
@@ -123,8 +141,8 @@ def train(params: TrainParams) -> dict[str, Any]:
         else (scratch / "train", scratch / "state", scratch / "live", scratch / "timing")
     )
     try:
-        state_id = fingerprint(params)
-        marker = prepare_state(state_id, scratch, state_dir)
+        state_id = fingerprint(params.model_dump(), [mm.cache_record(side) for side in ("train", "val")])
+        marker, float_done = prepare_state(state_id, scratch, state_dir)
         if plan.workers > 1:
             check_same_start(strategy, restored_epochs(state_dir / "backup"))
 
@@ -140,7 +158,7 @@ def train(params: TrainParams) -> dict[str, Any]:
 
         with atomic_dir(out_dir) as out:
             # Model.
-            init_checkpoint(params, len(labels), out / "init")
+            start = init_checkpoint(params, len(labels), out / "init")
             hparams = {
                 "learning_rate": params.learning_rate,
                 "batch_size": params.batch_size,
@@ -153,17 +171,44 @@ def train(params: TrainParams) -> dict[str, Any]:
             }
             detector = mm.build_detector(params.architecture, out / "init", labels, hparams, params.l2_weight_decay, out)
             mm.set_strategy(detector, strategy)
-            history = make_history_callback(live_dir, timing_dir, state_dir / "history.json", train_info["size"])
+            history = make_history_callback(
+                live_dir, timing_dir, state_dir / "history.json", train_info["size"], params.epochs, params.batch_size
+            )
             mm.set_callbacks(detector, [history, tf.keras.callbacks.BackupAndRestore(str(state_dir / "backup"))])
 
-            # Loop.
+            # Loop: the float phase (unless a killed run finished it), then quantization-aware training.
             started = time.perf_counter()
-            mm.create_and_train(detector, train_data, val_data, params.bn_momentum)  # writes out/float_ckpt
+            if float_done:
+                print(f"train: the float phase finished before the run stopped (kept in {TRAIN_STATE}); running QAT again")
+                history.replay()
+                for file in TRAIN_STATE.glob("float_ckpt.*"):
+                    shutil.copy2(file, out / file.name)
+                mm.restore_trained_float(detector, train_data, out / "float_ckpt", params.bn_momentum, params.jit_compile)
+            else:
+                mm.create_and_train(  # writes out/float_ckpt
+                    detector, train_data, val_data, params.bn_momentum, params.mixed_precision, params.jit_compile
+                )
+            qat_log = None
+            if params.qat.enabled:
+                if not float_done:
+                    keep_float_phase(out, marker, state_id)
+                tf.keras.utils.set_random_seed(params.seed)  # the same QAT after a kill as in one go
+                qat_log = mm.quantization_aware_training(
+                    detector,
+                    train_data,
+                    val_data,
+                    epochs=params.qat.epochs,
+                    learning_rate=params.qat.learning_rate,
+                    batch_size=params.qat.batch_size,
+                    alpha=params.cosine_decay_alpha,
+                )
+                mm.qat_checkpoint(detector).write(str(out / "qat_ckpt"))
 
             # Outputs.
             summary = {
                 "architecture": params.architecture,
                 "init": params.init,
+                "start_point": start,  # scratch, mobilenet_v2_imagenet or a Model Maker COCO checkpoint
                 "labels": labels,  # background first, as the model outputs them
                 "classes": labels[1:],
                 "l2_weight_decay": params.l2_weight_decay,
@@ -180,14 +225,14 @@ def train(params: TrainParams) -> dict[str, Any]:
                     "chief": plan.chief,
                     "auto_shard": auto_shard,
                 },
+                "speed": mm.speed_settings(detector),
                 "final": history.history[-1] if history.history else {},
+                "qat": None if qat_log is None else {**params.qat.model_dump(exclude={"enabled"}), "history": qat_log},
             }
             final = {key: value for key, value in summary["final"].items() if key not in ("seconds", "train_images_per_s")}
             write_json(out / "train.json", {**summary, "final": final}, indent=True)  # measurements stay out
-        if scratch is None:  # finished: what was kept for resuming goes
-            write_json(marker, {"fingerprint": state_id, "complete": True}, indent=True)
-            shutil.rmtree(TRAIN_STATE / "backup", ignore_errors=True)
-            (TRAIN_STATE / "history.json").unlink(missing_ok=True)
+        if scratch is None:
+            mark_complete(marker, state_id)
         return {**summary, "seconds": round(time.perf_counter() - started, 1)}
     finally:
         if scratch is not None:
@@ -204,6 +249,11 @@ def main() -> None:
         f"train: {summary['epochs']} epochs of {final.get('steps', '?')} steps in {summary['seconds']} s{scale}; "
         f"loss {final.get('total_loss', float('nan')):.3f}, val loss {final.get('val_total_loss', float('nan')):.3f}"
     )
+    if summary["qat"]:
+        last = summary["qat"]["history"][-1]
+        print(
+            f"train: QAT {summary['qat']['epochs']} epochs; loss {last['total_loss']:.3f}, val loss {last['val_total_loss']:.3f}"
+        )
     if not where["chief"]:
         print(f"train: {where['task']} is not the chief: its copy of the outputs was discarded (the chief writes {TRAINED})")
 

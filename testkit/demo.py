@@ -2,7 +2,8 @@
 
 Runs in a throwaway copy of the repository under .demo/ (so your working tree and DVC
 cache stay as they were), as a DVC experiment with `-S` overrides: synthetic fixture via
-download.mirror, scratch initialisation (no checkpoint download), small images.
+download.mirror, small images, and the default architecture (MobileNetV2, 256 px) from a
+seeded scratch initialisation: offline, the ImageNet start point cannot be downloaded.
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ def main() -> None:
     print(f"\n{'metric':8s} {'keras':>7s} {'tflite':>7s}")
     for name in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"):
         print(f"{name:8s} {metrics['keras'][name]:7.3f} {metrics['tflite'][name]:7.3f}")
-    print(f"model: {export['size_mb']} MB {export['quantization']}, {export['latency_ms']} ms/image (MediaPipe Tasks, CPU)")
+    model = json.loads((repo / "models/metadata.json").read_text())
+    print(
+        f"model: {model['architecture']} from {model.get('start_point', model['init'])}, {model['trained_epochs']} epochs; "
+        f"{export['size_mb']} MB {export['quantization']}, {export['latency_ms']} ms/image (MediaPipe Tasks, CPU)"
+    )
     keras, tflite = metrics["keras"], metrics["tflite"]
     print(f"\n{'class':20s} {'AP keras':>9s} {'tflite':>7s} {'AP50 keras':>11s} {'tflite':>7s}")
     for name, values in tflite["per_class"].items():

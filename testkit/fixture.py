@@ -8,7 +8,9 @@ Layout (paths as under the real hosts):
     annotations/annotations_trainval2017.zip   COCO 2017 annotations (instances + captions)
     train2017/<id>.jpg, val2017/<id>.jpg       one file per image, as ``coco_url`` names it
     zips/train2017.zip, zips/val2017.zip       the reference workflow's image zips
-    drive/02_coco_traffic.zip                  cocoTraffic-style relabel (lights -> 92/93/94)
+    drive/02_coco_traffic.zip                  cocoTraffic-style relabel (lights -> 92/93/94), with its
+                                               gaps: lights it kept at 10 ("mislabelled") and
+                                               train2017 images it does not cover
     tf_model_garden/.../<arch>_ckpt.tar.gz     checkpoint tarball with one root folder
     fixture.json                               checksums and counts of the above
 """
@@ -169,6 +171,33 @@ def make_scene(rng: random.Random, width: int = 320, height: int = 240) -> Scene
     return Scene(image=image, objects=objects)
 
 
+def _octagon(x: float, y: float, w: float, h: float) -> tuple[list[float], float]:
+    """A COCO-style polygon inside the box (corners cut) and its area, which, as in COCO, is less than w x h."""
+    c = 0.2 * min(w, h)
+    points = [x + c, y, x + w - c, y, x + w, y + c, x + w, y + h - c, x + w - c, y + h, x + c, y + h, x, y + h - c, x, y + c]
+    return points, w * h - 2 * c * c
+
+
+def _crowd(image: Image.Image, rng: random.Random) -> tuple[list[float], dict[str, Any], float]:
+    """Draw a tight group of people (a COCO crowd region): its box, RLE mask and mask area."""
+    import numpy as np
+    from pycocotools import mask as mask_util
+
+    draw = ImageDraw.Draw(image)
+    width, height = image.size
+    ground = height - rng.randint(4, 12)
+    x = rng.randint(0, width - 90)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for _ in range(rng.randint(4, 6)):
+        px, py, pw, ph = (int(v) for v in _person(draw, rng, x, ground))
+        mask[py : py + ph + 1, px : px + pw + 1] = 1
+        x += rng.randint(6, 12)  # overlapping: one region, not separate people
+    ys, xs = np.nonzero(mask)
+    bbox = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+    rle = mask_util.encode(np.asfortranarray(mask))
+    return bbox, {"size": rle["size"], "counts": rle["counts"].decode()}, float(mask.sum())
+
+
 def _jpeg(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
@@ -231,17 +260,28 @@ def generate(
 
     ``bad_boxes`` adds a zero-width box, a box outside its image and one that runs
     slightly past the border; ``corrupt_images`` truncates that many served JPEGs.
+    Every object's ``area`` is its polygon's, as in COCO (less than the box's). Like the real
+    sources, some images hold a crowd region (``iscrowd: 1``, RLE mask), and the overlay has
+    both kinds of gap: per 40 images, two train2017 images it does not cover at all
+    (``outside``), and one light in a train2017 and one in a val2017 image it keeps at 10
+    (``mislabelled``). The manifest's ``gaps`` lists them.
     """
     rng = random.Random(seed)
+    crowd_rng = random.Random(seed + 2)  # separate, so the scenes stay those of earlier fixtures
     root = Path(root)
     splits: dict[str, tuple[list[dict], list[dict]]] = {"train2017": ([], []), "val2017": ([], [])}
     lamp_of: dict[int, str] = {}
     jpegs: dict[str, dict[str, bytes]] = {"train2017": {}, "val2017": {}}
+    gaps: dict[str, list[int]] = {"outside_images": [], "mislabelled_annotations": [], "crowd_annotations": []}
     ann_id = 1000
     for index in range(images):
         image_id = 100 + index * 7  # non-contiguous ids, like COCO's
         split = "val2017" if index % val_every == val_every - 1 else "train2017"
         scene = make_scene(rng, width, height)
+        crowd = _crowd(scene.image, crowd_rng) if index % 10 == 6 or index % 20 == 9 else None
+        if split == "train2017" and index % 20 == 7:
+            gaps["outside_images"].append(image_id)
+        mislabelled = index % 40 in (11, 14)  # a train2017 and a val2017 image (with val_every 5)
         file_name = f"{image_id:012d}.jpg"
         data = _jpeg(scene.image)
         if index < corrupt_images:
@@ -260,19 +300,29 @@ def generate(
         )
         for category_id, (x, y, w, h), lamp in scene.objects:
             ann_id += 1
-            if lamp:
+            if lamp and mislabelled:
+                gaps["mislabelled_annotations"].append(ann_id)
+                mislabelled = False  # one per image
+            elif lamp:
                 lamp_of[ann_id] = lamp
+            polygon, area = _octagon(x, y, w, h)
             split_anns.append(
                 {
                     "id": ann_id,
                     "image_id": image_id,
                     "category_id": category_id,
                     "bbox": [x, y, w, h],
-                    "area": w * h,
+                    "area": area,
                     "iscrowd": 0,
-                    "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
+                    "segmentation": [polygon],
                 }
             )
+        if crowd:
+            ann_id += 1
+            bbox, rle, area = crowd
+            gaps["crowd_annotations"].append(ann_id)
+            crowd_ann = {"id": ann_id, "image_id": image_id, "category_id": 1, "bbox": bbox, "area": area, "iscrowd": 1}
+            split_anns.append({**crowd_ann, "segmentation": rle})
     if bad_boxes:
         train_images, train_anns = splits["train2017"]
         first = train_images[0]["id"]
@@ -306,17 +356,23 @@ def generate(
     members["annotations/captions_train2017.json"] = b'{"annotations": []}'
     _zip(root / ANNOTATIONS_ZIP, members)
 
-    # cocoTraffic: its own 80/20 split of the traffic images, lights relabelled by state.
-    all_images = splits["train2017"][0] + splits["val2017"][0]
-    all_anns = splits["train2017"][1] + splits["val2017"][1]
+    # cocoTraffic: the train2017 images it covers with all their boxes, val2017's lights only (as its
+    # make_datasets.py keeps them), lights relabelled by state but the mislabelled ones, and its own
+    # 80/20 split of those images.
+    outside = set(gaps["outside_images"])
+    covered_anns = [ann for ann in splits["train2017"][1] if ann["image_id"] not in outside]
+    covered_anns += [ann for ann in splits["val2017"][1] if ann["category_id"] == 10]
+    covered = {ann["image_id"] for ann in covered_anns}
+    all_images = [image for image in splits["train2017"][0] + splits["val2017"][0] if image["id"] in covered]
     order = sorted(image["id"] for image in all_images)
     random.Random(seed + 1).shuffle(order)
     published_val = set(order[: len(order) // 5])
     relabelled = [
-        {**ann, "category_id": LAMP_TO_RELABEL[lamp_of[ann["id"]]]} if ann["id"] in lamp_of else ann for ann in all_anns
+        {**ann, "category_id": LAMP_TO_RELABEL[lamp_of[ann["id"]]]} if ann["id"] in lamp_of else ann for ann in covered_anns
     ]
     relabel_members = {}
-    for name, keep in (("trainTraffic", lambda i: i not in published_val), ("valTraffic", lambda i: i in published_val)):
+    # The names its make_datasets.py saves COCO Traffic under (its intermediate ones: instances_trainTraffic.json).
+    for name, keep in (("train_traffic", lambda i: i not in published_val), ("val_traffic", lambda i: i in published_val)):
         imgs = [image for image in all_images if keep(image["id"])]
         anns = [ann for ann in relabelled if keep(ann["image_id"])]
         relabel_members[f"02_coco_traffic/instances_{name}.json"] = orjson.dumps(
@@ -329,6 +385,7 @@ def generate(
         "images": images,
         "seed": seed,
         "annotations": sum(len(anns) for _, anns in splits.values()),
+        "gaps": gaps,
         "checksums": {
             path: _md5(root / path)
             for path in (ANNOTATIONS_ZIP, RELABEL_ZIP, CHECKPOINT_TARBALL, "zips/train2017.zip", "zips/val2017.zip")
@@ -358,6 +415,7 @@ def download_params(base_url: str, manifest: dict[str, Any]) -> dict[str, Any]:
         "annotations_checksum": sums[ANNOTATIONS_ZIP],
         "relabel_url": f"{base_url}/{RELABEL_ZIP}",
         "relabel_checksum": sums[RELABEL_ZIP],
+        "pretrained": "mobilenet_multi_avg",  # the fixture's checkpoint is in Model Maker's layout for it
         "checkpoint_url": f"{base_url}/{CHECKPOINT_TARBALL}",
         "checkpoint_checksum": sums[CHECKPOINT_TARBALL],
         "train_zip_checksum": sums["zips/train2017.zip"],

@@ -8,6 +8,7 @@ Binds to 127.0.0.1 only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import threading
 import time
@@ -22,12 +23,15 @@ RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 class FixtureServer:
     """Serve ``root`` on ``http://127.0.0.1:<port>``; use as a context manager.
 
-    ``inject(path, "status:404", "drop:1000", "stall:1000")`` queues faults for the
-    next requests of ``path``: an HTTP status; a response that promises the full body
-    and closes the connection after N bytes; or one that sends N bytes and hangs. ``latency_s`` delays every response.
+    ``inject(path, "status:404", "drop:1000", "stall:1000", "trickle:1:2", "redirect:<url>")``
+    queues faults for the next requests of ``path``: an HTTP status; a response that promises
+    the full body and closes the connection after N bytes; one that sends N bytes and hangs;
+    one that sends N bytes every S seconds (a trickle no per-read timeout catches); a 302 to
+    ``url``. ``latency_s`` delays every response. ``host`` may be another loopback address
+    (127.0.0.2) to play a second host.
     """
 
-    def __init__(self, root: Path, *, port: int = 0, latency_s: float = 0.0) -> None:
+    def __init__(self, root: Path, *, port: int = 0, latency_s: float = 0.0, host: str = "127.0.0.1") -> None:
         self.root = Path(root).resolve()
         self.latency_s = latency_s
         self.faults: dict[str, deque[str]] = defaultdict(deque)
@@ -35,13 +39,14 @@ class FixtureServer:
         self.ranges: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self.stalled = threading.Event()  # set on exit to release stalled responses
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
+        self.host = host
+        self.httpd = ThreadingHTTPServer((host, port), self._handler())
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        return f"http://{self.host}:{self.httpd.server_address[1]}"
 
     def inject(self, path: str, *faults: str) -> None:
         with self._lock:
@@ -81,6 +86,12 @@ class FixtureServer:
                 if fault.startswith("status:"):
                     self._send_status(int(fault.split(":")[1]))
                     return
+                if fault.startswith("redirect:"):
+                    self.send_response(302)
+                    self.send_header("Location", fault.removeprefix("redirect:"))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 file = (server.root / path.lstrip("/")).resolve()
                 if server.root not in file.parents or not file.is_file():
                     self._send_status(404)
@@ -111,6 +122,16 @@ class FixtureServer:
                     self.wfile.write(body[: int(fault.split(":")[1])])
                     self.wfile.flush()
                     server.stalled.wait(60)
+                    self.close_connection = True
+                    return
+                if fault.startswith("trickle:"):  # N bytes every S seconds until done or the client goes
+                    _, size, seconds = fault.split(":")
+                    with contextlib.suppress(OSError):
+                        for offset in range(0, len(body), int(size)):
+                            self.wfile.write(body[offset : offset + int(size)])
+                            self.wfile.flush()
+                            if server.stalled.wait(float(seconds)):
+                                break
                     self.close_connection = True
                     return
                 if fault.startswith("drop:"):

@@ -16,6 +16,7 @@ import yaml
 
 from testkit.fixture import download_params, generate
 from testkit.fixture_server import FixtureServer
+from testkit.keras_weights import add_to_fixture
 from testkit.object_store import ACCESS_KEY, SECRET_KEY, ObjectStore
 from testkit.repo_copy import ROOT, copy_repo
 
@@ -27,6 +28,12 @@ def fixture_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
     """40 synthetic scenes, with bad boxes and one truncated JPEG, in the real sources' layout."""
     root = tmp_path_factory.mktemp("fixture")
     return root, generate(root, images=40, seed=0, bad_boxes=True, corrupt_images=1)
+
+
+@pytest.fixture(scope="session")
+def keras_weights(fixture_tree: tuple[Path, dict[str, Any]]) -> Path:
+    """A random-valued stand-in for Keras' ImageNet MobileNetV2 file, in the fixture tree under the real URL's path."""
+    return add_to_fixture(fixture_tree[0])
 
 
 @pytest.fixture
@@ -100,7 +107,7 @@ class PipelineRun:
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory, fixture_tree) -> PipelineRun:
-    """The whole pipeline once on the tiny config, incrementally: data half, no-op, split change, model half.
+    """The whole pipeline once on the tiny config, incrementally: data half, no-op, split param change, model half.
 
     Session-wide because a full run costs minutes: the pipeline test checks it, the
     remote and experiment tests start from copies of it.

@@ -26,7 +26,7 @@ from trafficdet.distribute import KEEP_WORKER_OUTPUTS, plan_distribution
 from trafficdet.errors import PipelineError
 from trafficdet.params import TrainParams, parse
 
-TRAIN_SIZE, VAL_SIZE = 32, 7  # images in the tiny cached repo
+TRAIN_SIZE, VAL_SIZE = 28, 7  # images in the tiny cached repo: COCO's split of the fixture's 40 (train2017 / val2017)
 
 
 def train_params(**changes: object) -> TrainParams:
@@ -389,8 +389,9 @@ def test_workers_that_would_resume_differently_stop_with_one_line(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The chief has a backup after epoch 1, the other worker (own copy) none: both stop before training, clearly."""
-    from stages.train import fingerprint
+    from trafficdet.modelmaker import cache_record
     from trafficdet.params import load
+    from trafficdet.resume import fingerprint
 
     repos = [copy_of(cached_repo, tmp_path / f"worker{index}") for index in range(2)]
     for repo in repos:
@@ -398,7 +399,8 @@ def test_workers_that_would_resume_differently_stop_with_one_line(
         set_param(repo, "train", "epochs", 2)
     chief = repos[0]
     monkeypatch.chdir(chief)
-    state = {"fingerprint": fingerprint(load(TrainParams)), "complete": False}
+    cached = [cache_record(side) for side in ("train", "val")]
+    state = {"fingerprint": fingerprint(load(TrainParams).model_dump(), cached), "complete": False}
     (chief / "models/train_state/backup/chief").mkdir(parents=True)
     (chief / "models/train_state/state.json").write_text(json.dumps(state))
     (chief / "models/train_state/backup/chief/checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')

@@ -1,10 +1,11 @@
-"""The download stage's functions: annotations, relabel overlay, checkpoint, safe archives."""
+"""The download stage's functions: annotations, relabel overlay, start points, safe archives."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import re
 import tarfile
 import zipfile
 from pathlib import Path
@@ -14,10 +15,11 @@ import pytest
 from stages import download
 from testkit.fixture import ANNOTATIONS_ZIP, CHECKPOINT_TARBALL, RELABEL_ZIP
 from testkit.fixture_server import FixtureServer
-from trafficdet.architectures import ARCHITECTURES
+from testkit.keras_weights import KERAS_WEIGHTS_PATH
+from trafficdet.architectures import ARCHITECTURES, KERAS_MOBILENET_V2_URL
 from trafficdet.archive import extract_tar, extract_zip
 from trafficdet.errors import PipelineError
-from trafficdet.fetch import RetryPolicy
+from trafficdet.fetch import RetryPolicy, file_digest
 
 FAST = RetryPolicy(retries=1, backoff_s=0.01, timeout_s=10)
 
@@ -40,7 +42,7 @@ def test_relabel_overlay_and_its_off_switch(fixture_tree, server: FixtureServer)
     _, manifest = fixture_tree
     download.download_relabel(f"{server.url}/{RELABEL_ZIP}", manifest["checksums"][RELABEL_ZIP], FAST)
     names = sorted(p.name for p in Path("data/raw/relabel").iterdir())
-    assert names == ["instances_trainTraffic.json", "instances_valTraffic.json", "manifest.json"]
+    assert names == ["instances_train_traffic.json", "instances_val_traffic.json", "manifest.json"]
     download.download_relabel("", "", FAST)
     assert [p.name for p in Path("data/raw/relabel").iterdir()] == ["manifest.json"]
 
@@ -56,10 +58,49 @@ def test_checkpoint_unpacks_its_single_root_folder(fixture_tree, server: Fixture
     assert json.loads(Path("models/pretrained/manifest.json").read_text()) == {"pretrained": "scratch"}
 
 
-def test_checkpoint_403_names_the_ways_out(server: FixtureServer) -> None:
+def test_checkpoint_403_is_one_line_naming_the_url_param_and_the_default_that_downloads(server: FixtureServer) -> None:
     server.inject(CHECKPOINT_TARBALL, "status:403")
-    with pytest.raises(PipelineError, match=r"HTTP 403.*download\.checkpoint_url.*pretrained: scratch"):
+    with pytest.raises(PipelineError) as raised:
         download.download_checkpoint("mobilenet_multi_avg", f"{server.url}/{CHECKPOINT_TARBALL}", "", FAST)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert re.search(r"HTTP 403.*set download\.checkpoint_url to a copy.*download\.pretrained: mobilenet_v2_imagenet", message)
+    assert not Path("models/pretrained").exists()
+
+
+def test_imagenet_weights_are_fetched_as_they_are_and_recorded(keras_weights: Path, server: FixtureServer) -> None:
+    download.download_checkpoint("mobilenet_v2_imagenet", f"{server.url}/{KERAS_WEIGHTS_PATH}", "", FAST)
+    manifest = json.loads(Path("models/pretrained/manifest.json").read_text())
+    kept = Path("models/pretrained") / manifest["file"]
+    assert kept.read_bytes() == keras_weights.read_bytes()
+    assert manifest["pretrained"] == "mobilenet_v2_imagenet"
+    assert manifest["downloads"][0]["sha256"] == file_digest(keras_weights)  # no published hash: the fetched one
+
+
+def test_imagenet_default_url_is_the_one_keras_loads() -> None:
+    """Our URL (and the fixture's path under it) is where the installed Keras fetches the no-top alpha-1.0 file."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from keras.src.applications import mobilenet_v2
+
+    name = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    assert mobilenet_v2.BASE_WEIGHT_PATH + name == KERAS_MOBILENET_V2_URL
+    assert KERAS_MOBILENET_V2_URL.endswith("/" + KERAS_WEIGHTS_PATH)
+
+
+def test_weights_file_pointing_outside_itself_is_refused(tmp_path: Path) -> None:
+    import h5py
+
+    served = tmp_path / "served"
+    weights = served / KERAS_WEIGHTS_PATH
+    weights.parent.mkdir(parents=True)
+    with h5py.File(weights, "w") as handle:
+        handle.attrs["layer_names"] = [b"Conv1"]
+        handle["Conv1"] = h5py.ExternalLink("/etc/passwd", "/")
+    with (
+        FixtureServer(served) as srv,
+        pytest.raises(PipelineError, match=r"/Conv1 is an HDF5 ExternalLink, which points elsewhere"),
+    ):
+        download.download_checkpoint("mobilenet_v2_imagenet", f"{srv.url}/{KERAS_WEIGHTS_PATH}", "", FAST)
     assert not Path("models/pretrained").exists()
 
 

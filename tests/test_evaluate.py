@@ -85,3 +85,49 @@ def test_prediction_grid_draws_each_image(tmp_path) -> None:
     grid = prediction_grid(gt, detections, tmp_path)
     assert grid.size == (4 * 320, 2 * 240)
     assert grid.getpixel((10, 30)) == (255, 0, 0)  # the prediction's left edge, in red
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_detections_on_a_crowd_region_are_ignored_not_false_positives(backend: str) -> None:
+    """A crowd region stays in the ground truth with iscrowd 1: COCOeval ignores detections matched to it."""
+    people = [[20.0, 40.0, 30.0, 80.0], [200.0, 40.0, 30.0, 80.0]]
+    crowd = [60.0, 100.0, 120.0, 100.0]  # a group of people annotated as one region
+    gt = {
+        "images": [{"id": 1, "file_name": "1.jpg", "width": 320, "height": 240}],
+        "categories": [{"id": 1, "name": "person"}],
+        "annotations": [
+            *({"id": i, "image_id": 1, "category_id": 1, "bbox": b, "area": 2e3, "iscrowd": 0} for i, b in enumerate(people, 1)),
+            {"id": 9, "image_id": 1, "category_id": 1, "bbox": crowd, "area": 7000.0, "iscrowd": 1},
+        ],
+    }
+    detections = [{"image_id": 1, "category_id": 1, "bbox": box, "score": 0.5} for box in people]
+    # Three people inside the crowd region, found with more confidence than the annotated ones.
+    detections += [
+        {"image_id": 1, "category_id": 1, "bbox": [60.0 + 40 * k, 110.0, 30.0, 80.0], "score": 0.9 - 0.1 * k} for k in range(3)
+    ]
+    result = coco_evaluate(gt, detections, backend)
+    assert result["overall"]["AP"] == pytest.approx(1.0)  # the three are neither true nor false positives
+
+    without_crowd = {**gt, "annotations": [ann for ann in gt["annotations"] if not ann["iscrowd"]]}
+    dropped = coco_evaluate(without_crowd, detections, backend)  # what dropping crowd regions did
+    assert dropped["overall"]["AP"] < 0.5  # the three rank first, as false positives
+
+
+def test_small_medium_large_follow_the_ground_truth_area() -> None:
+    """COCOeval sizes objects by the annotation's area (COCO's segmentation area), not by the box."""
+    gt = {
+        "images": [{"id": 1, "file_name": "1.jpg", "width": 320, "height": 240}],
+        "categories": [{"id": 1, "name": "car"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "area": 900.0, "iscrowd": 0}],
+    }
+    result = coco_evaluate(gt, [{"image_id": 1, "category_id": 1, "bbox": [10.0, 10.0, 40.0, 40.0], "score": 0.9}])
+    assert result["overall"]["APs"] == pytest.approx(1.0) and result["overall"]["APm"] == -1  # 900 < 32^2 < 40 x 40
+
+
+def test_annotation_ids_from_zero_score_like_any_other() -> None:
+    """pycocotools reads a matched ground-truth id of 0 as "no match"; own labels.json files may start at 0."""
+    gt = ground_truth(10)
+    for number, ann in enumerate(gt["annotations"]):
+        ann["id"] = number
+    detections = [{**{k: a[k] for k in ("image_id", "category_id", "bbox")}, "score": 0.9} for a in gt["annotations"]]
+    assert coco_evaluate(gt, detections, "pycocotools")["overall"]["AP"] == pytest.approx(1.0)

@@ -1,4 +1,4 @@
-"""filter: overlay, class remap to 1..K, box cleaning and the selection rule."""
+"""filter: overlay and its unrelabelled lights, class remap to 1..K, box cleaning, crowds, the selection rule."""
 
 from __future__ import annotations
 
@@ -6,13 +6,17 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stages import download
 from stages import filter as filter_stage
 from testkit.fixture import ANNOTATIONS_ZIP, RELABEL_ZIP
 from trafficdet.errors import PipelineError
 from trafficdet.fetch import RetryPolicy
+from trafficdet.overlay import published_side
 from trafficdet.params import FilterParams
+
+LIGHT_CLASSES = ("traffic_light_red", "traffic_light_green", "traffic_light_na")
 
 DEFAULTS = {
     "classes": [
@@ -27,9 +31,10 @@ DEFAULTS = {
         "person",
     ],
     "include_all": ["traffic_light_red", "traffic_light_green", "traffic_light_na"],
+    "keep_all_from": ["val2017"],
     "images_per_class": "all",
     "seed": 1,
-    "drop_crowd": True,
+    "unrelabelled_lights": "exclude",
     "min_box_side": 1.0,
 }
 
@@ -60,11 +65,122 @@ def test_ids_are_contiguous_in_class_order(raw) -> None:
 
 
 def test_overlay_splits_lights_by_state(raw) -> None:
-    _coco, _, report = filter_stage.filter_dataset(*raw, params())
-    lights = {name: report["classes"][name]["annotations"] for name in DEFAULTS["include_all"]}
+    _coco, _, report = filter_stage.filter_dataset(*raw, params(unrelabelled_lights="traffic_light"))
+    lights = {name: report["classes"][name]["annotations"] for name in LIGHT_CLASSES}
     assert all(count > 0 for count in lights.values())
-    assert report["overlay"]["relabelled"] == sum(lights.values())
+    assert report["overlay"]["relabelled"] == sum(lights.values())  # every light it relabelled is kept
     assert report["dropped"]["other_class"] > 0  # the dogs
+
+
+def source_annotations(files: list[Path]) -> list[dict]:
+    return [ann for path in files for ann in json.loads(path.read_text())["annotations"]]
+
+
+def test_no_kept_image_has_a_light_without_a_light_class_box(raw, fixture_tree, tmp_path: Path) -> None:
+    """The fixture's overlay leaves lights at COCO's id 10 both ways: kept at 10, and in images it does not cover."""
+    files, _ = raw
+    _, manifest = fixture_tree
+    gaps = manifest["gaps"]
+    source = source_annotations(files)
+    lights = {ann["id"]: ann["image_id"] for ann in source if ann["category_id"] == 10}  # every light region, by COCO
+    mislabelled_images = {lights[ann_id] for ann_id in gaps["mislabelled_annotations"]}
+    assert gaps["outside_images"] and mislabelled_images  # the fixture holds both kinds
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"filter": DEFAULTS}))  # the stage as dvc runs it
+    filter_stage.main()
+    coco = json.loads(Path("data/filtered/labels.json").read_text())
+    report = json.loads(Path("reports/filter.json").read_text())
+    light_ids = {c["id"] for c in coco["categories"] if c["name"] in LIGHT_CLASSES}
+    boxes = {ann["id"]: ann for ann in coco["annotations"]}
+    kept = {image["id"] for image in coco["images"]}
+    for ann_id, image_id in lights.items():
+        if image_id in kept:
+            assert ann_id in boxes and boxes[ann_id]["category_id"] in light_ids, f"light {ann_id} of image {image_id}"
+    assert not kept & (set(gaps["outside_images"]) | mislabelled_images)
+    assert report["unrelabelled_lights"] == {
+        "handling": "exclude",
+        "images": {"mislabelled": len(mislabelled_images), "outside_overlay": len(gaps["outside_images"])},
+        "images_left_out": len(mislabelled_images | set(gaps["outside_images"])),
+    }
+    assert report["dropped"]["unrelabelled_light"] == sum(
+        1
+        for ann_id, image_id in lights.items()
+        if image_id in set(gaps["outside_images"]) or ann_id in gaps["mislabelled_annotations"]
+    )
+
+
+def test_unrelabelled_lights_can_be_kept_as_one_more_class(raw, fixture_tree) -> None:
+    files, _ = raw
+    gaps = fixture_tree[1]["gaps"]
+    coco, label_map, report = filter_stage.filter_dataset(*raw, params(unrelabelled_lights="traffic_light"))
+    assert [c["name"] for c in coco["categories"]] == [*DEFAULTS["classes"], "traffic_light"]
+    assert label_map[-1] == {"id": 10, "name": "traffic_light", "source_ids": [10]}
+    lights = {ann["id"] for ann in source_annotations(files) if ann["category_id"] == 10}
+    extra = {ann["id"] for ann in coco["annotations"] if ann["category_id"] == 10}
+    outside = {
+        ann["id"] for ann in source_annotations(files) if ann["category_id"] == 10 and ann["image_id"] in gaps["outside_images"]
+    }
+    assert extra == set(gaps["mislabelled_annotations"]) | outside and extra <= lights
+    assert report["images"] == 40 and report["unrelabelled_lights"]["images_left_out"] == 0  # every image kept
+    assert report["classes"]["traffic_light"]["images"] == len(gaps["outside_images"]) + 2
+
+
+def test_crowd_regions_are_kept_with_coco_areas(raw, fixture_tree) -> None:
+    files, _ = raw
+    crowds = set(fixture_tree[1]["gaps"]["crowd_annotations"])
+    source = {ann["id"]: ann for ann in source_annotations(files)}
+    coco, _, report = filter_stage.filter_dataset(*raw, params(unrelabelled_lights="traffic_light"))
+    kept_crowds = {ann["id"] for ann in coco["annotations"] if ann["iscrowd"]}
+    assert kept_crowds == crowds and report["crowd_regions"] == len(crowds)
+    for ann in coco["annotations"]:
+        *_, w, h = ann["bbox"]
+        if ann["bbox"] == source[ann["id"]]["bbox"]:  # not clipped
+            assert ann["area"] == source[ann["id"]]["area"] < w * h  # COCO's (polygon or mask) area, not the box's
+    assert report["classes"]["person"]["crowd_regions"] == len(crowds)
+
+
+def write_coco(path: Path, images: list[dict], annotations: list[dict], categories: list[dict]) -> Path:
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path
+
+
+def test_an_image_whose_only_boxes_are_crowds_is_not_selected_and_area_is_computed_when_absent(tmp_path: Path) -> None:
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 100, "height": 100} for i in (1, 2)]
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 50, 50], "iscrowd": 1},
+        {"id": 2, "image_id": 2, "category_id": 1, "bbox": [0, 0, 10, 20], "iscrowd": 0},  # no area: a VOC-like source
+        {"id": 3, "image_id": 2, "category_id": 1, "bbox": [20, 0, 50, 50], "iscrowd": 1, "area": 1000.5},
+    ]
+    source = write_coco(tmp_path / "instances_own.json", images, annotations, [{"id": 1, "name": "person"}])
+    coco, _, report = filter_stage.filter_dataset([source], [], params(classes=["person"], include_all=[]))
+    assert [image["id"] for image in coco["images"]] == [2]
+    assert {ann["id"]: (ann["iscrowd"], ann["area"]) for ann in coco["annotations"]} == {2: (0, 200.0), 3: (1, 1000.5)}
+    assert report["classes"]["person"] == {"images": 1, "annotations": 1, "crowd_regions": 1}
+
+
+def test_keep_all_from_takes_every_val2017_image_and_samples_the_rest(raw) -> None:
+    only_val = filter_stage.filter_dataset(*raw, params(include_all=[], images_per_class=0))[0]
+    assert {image["origin"] for image in only_val["images"]} == {"val2017"}
+    _, _, report = filter_stage.filter_dataset(*raw, params(images_per_class=0))
+    assert report["selection"]["keep_all_from"] == {"val2017": report["origins"]["val2017"]}
+    assert report["origins"]["val2017"] == 7  # 8 in the fixture, one left out for a mislabelled light
+    none = filter_stage.filter_dataset(*raw, params(keep_all_from=[], include_all=[], images_per_class=0))[0]
+    assert none["images"] == []
+
+
+@pytest.mark.parametrize(
+    ("name", "side"),
+    [
+        ("instances_train_traffic.json", "train"),
+        ("instances_val_traffic.json", "val"),
+        ("instances_trainTraffic.json", "train"),
+        ("instances_valTraffic.json", "val"),
+        ("instances_train_traffic_extended.json", "train"),
+        ("instances_traffic_lights.json", None),
+    ],
+)
+def test_cocotraffic_file_names_give_its_split(name: str, side: str | None) -> None:
+    assert published_side(Path(name)) == side
 
 
 def test_bad_boxes_are_dropped_and_counted(raw) -> None:
@@ -103,9 +219,10 @@ def test_selection_rule_is_seeded_and_bounded(raw) -> None:
     again = filter_stage.filter_dataset(*raw, params(images_per_class=2))[2]
     other = filter_stage.filter_dataset(*raw, params(images_per_class=2, seed=99))[2]
     assert first == again
-    assert all(count <= 2 for count in first["added_per_class"].values())
+    added = first["selection"]["added_per_class"]
+    assert all(count <= 2 for count in added.values())
     lights_only = filter_stage.filter_dataset(*raw, params(images_per_class=0))[2]
-    assert first["images"] == lights_only["images"] + sum(first["added_per_class"].values())
+    assert first["images"] == lights_only["images"] + sum(added.values())
     assert other["images"] == first["images"]  # same rule, different sample
 
 
@@ -118,8 +235,12 @@ def test_light_colours_need_the_overlay(raw) -> None:
     files, _ = raw
     with pytest.raises(PipelineError, match=r"overlay is off: set download\.relabel_url, or use 'traffic light'"):
         filter_stage.filter_dataset(files, [], params())
-    coco, _, _ = filter_stage.filter_dataset(files, [], params(classes=["traffic light", "car"], include_all=["traffic light"]))
+    coco, _, report = filter_stage.filter_dataset(
+        files, [], params(classes=["traffic light", "car"], include_all=["traffic light"])
+    )
     assert [c["name"] for c in coco["categories"]] == ["traffic light", "car"]
+    assert "unrelabelled_lights" not in report  # with the overlay off every light is COCO's class
+    assert report["classes"]["traffic light"]["images"] == 40
 
 
 def test_not_a_coco_file_is_named(tmp_path: Path) -> None:

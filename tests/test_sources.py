@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stages import download, images, split
+from stages import download, split
 from stages import filter as filter_stage
 from trafficdet.errors import PipelineError
 from trafficdet.fetch import RetryPolicy
 from trafficdet.io import write_json
 from trafficdet.params import FilterParams
 from trafficdet.sources import import_coco_folder, import_voc_folder
+from trafficdet.store import Sources, fetch_per_image
 
 VOC_XML = """<annotation><filename>{name}</filename><size><width>64</width><height>48</height><depth>3</depth></size>
 <object><name>{cls}</name><difficult>0</difficult><bndbox><xmin>4</xmin><ymin>5</ymin><xmax>30</xmax><ymax>40</ymax></bndbox></object>
@@ -65,16 +66,28 @@ def test_own_dataset_flows_through_filter_images_split(tmp_path: Path, monkeypat
         coco = import_voc_folder(source)
         (tmp_path / "coco/images").mkdir(parents=True)
         for image in coco["images"]:
-            Path(image.pop("local_path")).rename(tmp_path / "coco/images" / image["file_name"])
+            (source / image.pop("local_path")).rename(tmp_path / "coco/images" / image["file_name"])
         write_json(tmp_path / "coco/labels.json", coco)
         source = tmp_path / "coco"
     download.import_own_dataset(kind, source)
     download.download_relabel("", "", RetryPolicy())
-    params = FilterParams(classes=["car", "bus"], include_all=[], images_per_class="all", seed=0, drop_crowd=True, min_box_side=1)
+    params = FilterParams(
+        classes=["car", "bus"],
+        include_all=[],
+        keep_all_from=["val2017"],  # the params.yaml default: no effect on your own data
+        images_per_class="all",
+        seed=0,
+        unrelabelled_lights="exclude",
+        min_box_side=1,
+    )
     files = sorted(Path("data/raw/annotations").glob("instances_*.json"))
     coco, _, report = filter_stage.filter_dataset(files, filter_stage.relabel_files(), params)
-    assert report["classes"] == {"car": {"images": 6, "annotations": 6}, "bus": {"images": 4, "annotations": 4}}
-    results = images.fetch_per_image(coco["images"], Path("data/images"), "", 2, RetryPolicy())
-    assert not any(results.values())
+    assert report["classes"] == {
+        "car": {"images": 6, "annotations": 6, "crowd_regions": 0},
+        "bus": {"images": 4, "annotations": 4, "crowd_regions": 0},
+    }
+    assert report["origins"] == {"own": 10}
+    results = fetch_per_image(coco["images"], Path("data/images"), Sources.for_mirror("", own_root=source), 2)
+    assert not any(outcome.reason for outcome in results.values())
     _sides, split_report = split.split_dataset(coco, set(results), "stratified", 0.2, 0)
     assert split_report["val"]["classes"]["bus"]["images"] >= 1 and split_report["train"]["classes"]["bus"]["images"] >= 1

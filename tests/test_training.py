@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from testkit.keras_weights import KERAS_WEIGHTS_PATH
 from tests.conftest import PipelineRun, run, stage_env
 from tests.test_pipeline import set_param
 from trafficdet.app import AppDetector, Detection, read_frame
@@ -48,40 +51,101 @@ def checkpoint_values(prefix: Path) -> dict[str, np.ndarray]:
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
 
 
+QAT_TINY = {"enabled": True, "epochs": 1, "learning_rate": 0.3, "batch_size": 4}
+
+
+def start_and_kill(repo: Path, ready: Callable[[], bool], after_s: float) -> str:
+    """Run ``dvc repro train`` until ``ready()``, ``after_s`` more seconds, then SIGKILL it; return what it printed."""
+    log = repo.parent / f"repro-{time.monotonic_ns()}.log"
+    with open(log, "w") as out:
+        child = subprocess.Popen(
+            ["dvc", "repro", "train"], cwd=repo, env=stage_env(), start_new_session=True, stdout=out, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and child.poll() is None and not ready():
+            time.sleep(0.05)
+        time.sleep(after_s)
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    return log.read_text()
+
+
+def logged_learning_rates(repo: Path) -> list[float]:
+    rows = (repo / "reports/train/plots/metrics/learning_rate.tsv").read_text().splitlines()[1:]
+    return [float(row.split("\t")[-1]) for row in rows]
+
+
+def expected_learning_rates(repo: Path, epochs: int) -> list[float]:
+    """Model Maker's schedule after each epoch: linear warm-up over 10% of the steps, then cosine to alpha."""
+    train = yaml.safe_load((repo / "params.yaml").read_text())["train"]
+    steps = json.loads((repo / "data/cache/train/cache.json").read_text())["size"] // train["batch_size"]
+    total, peak, alpha = steps * epochs, train["learning_rate"] * train["batch_size"] / 256, train["cosine_decay_alpha"]
+    warmup = int(total * 0.1)
+    rates = []
+    for step in (steps * (epoch + 1) for epoch in range(epochs)):
+        cosine = (1 - alpha) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)) + alpha
+        rates.append(peak * step / warmup if step < warmup else peak * cosine)
+    return rates
+
+
 @pytest.mark.slow
-def test_killed_training_resumes_from_last_epoch(cached_repo: Path, tmp_path: Path) -> None:
+def test_killed_training_resumes_from_last_epoch_then_reruns_only_qat(cached_repo: Path, tmp_path: Path) -> None:
     repo = copy_of(cached_repo, tmp_path / "repo")
     set_param(repo, "train", "epochs", 3)
+    set_param(repo, "train", "qat", QAT_TINY)
     history = repo / "models/train_state/history.json"
     backup = repo / "models/train_state/backup"
-    child = subprocess.Popen(
-        ["dvc", "repro", "train"],
-        cwd=repo,
-        env=stage_env(),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and child.poll() is None:
+    marker = repo / "models/train_state/state.json"
+
+    def epoch_one_backed_up() -> bool:  # epoch 1 logged and backed up
         done = json.loads(history.read_text()) if history.exists() else []
-        if len(done) == 1 and (backup / "chief" / "checkpoint").exists():  # epoch 1 logged and backed up
-            break
-        time.sleep(0.05)
-    time.sleep(0.5)  # into epoch 2 (an epoch takes several seconds here)
-    os.killpg(child.pid, signal.SIGKILL)
-    child.wait()
+        return len(done) == 1 and (backup / "chief" / "checkpoint").exists()
+
+    start_and_kill(repo, epoch_one_backed_up, 0.5)  # into epoch 2 (an epoch takes several seconds here)
     assert len(json.loads(history.read_text())) == 1, "the kill should land during epoch 2"
     assert not (repo / "models/train/train.json").exists()
 
-    resumed = run(["dvc", "repro", "train"], repo)
-    assert "resuming after epoch 1" in resumed.stdout + resumed.stderr
+    # Resumed: the float phase finishes, then a kill lands in QAT (tracing it alone takes many seconds).
+    printed = start_and_kill(repo, lambda: marker.exists() and json.loads(marker.read_text()).get("float_done"), 3)
+    assert "resuming after epoch 1" in printed
+    assert not (repo / "models/train/train.json").exists()
+    assert (repo / "models/train_state/float_ckpt.index").exists()
+
+    finished = run(["dvc", "repro", "train"], repo)
+    assert "the float phase finished before the run stopped" in finished.stdout
+    assert "Epoch 1/3" not in finished.stdout  # no float epoch ran again
     summary = json.loads((repo / "models/train/train.json").read_text())
-    assert summary["epochs"] == 3
+    assert summary["epochs"] == 3 and len(summary["qat"]["history"]) == 1
+    assert (repo / "models/train/qat_ckpt.index").exists()
+    assert sorted(p.name for p in (repo / "models/train_state").iterdir()) == ["state.json"]  # kept state gone
     for series in ("train/total_loss", "val/total_loss", "learning_rate"):
         rows = (repo / f"reports/train/plots/metrics/{series}.tsv").read_text().splitlines()[1:]
         assert [row.split("\t")[0] for row in rows] == ["0", "1", "2"], series  # each epoch once
     assert json.loads((repo / "reports/train/metrics.json").read_text())["step"] == 2
+
+    # The logged rate decays across the kill. Exact before it and at the floor; the resumed epoch is
+    # logged one optimizer step later than an uninterrupted run's (Keras' BackupAndRestore; see the
+    # determinism test for the exact curve without a kill).
+    logged = logged_learning_rates(repo)
+    expected = expected_learning_rates(repo, 3)
+    assert logged[0] == pytest.approx(expected[0], rel=1e-5) and logged[2] == pytest.approx(expected[2], rel=1e-5)
+    assert logged[0] > logged[1] > logged[2]  # decays (cosine_decay_alpha: 1.0 would keep it flat)
+
+    # The QAT model exports to an int8-only file that MediaPipe Tasks loads (one QAT epoch is not
+    # calibrated enough to detect anything: the learned model's test checks detections).
+    set_param(repo, "export", "quantization", "qat_int8")
+    run([sys.executable, "-m", "stages.export"], repo)
+    assert tensor_types(repo / "models/model.tflite") == {"int8", "int32", "uint8"}  # no float left
+    assert json.loads((repo / "models/metadata.json").read_text())["qat_epochs"] == 1
+    with AppDetector(repo / "models/model.tflite", max_results=5, score_threshold=0.0) as detector:
+        val = json.loads((repo / "data/split/val/labels.json").read_text())
+        detector.detect(read_frame(repo / "data/images" / val["images"][0]["file_name"]))  # loads and runs
+
+
+def tensor_types(model: Path) -> set[str]:
+    import tensorflow as tf
+
+    return {detail["dtype"].__name__ for detail in tf.lite.Interpreter(model_path=str(model)).get_tensor_details()}
 
 
 @pytest.mark.slow
@@ -114,6 +178,14 @@ def learned_repo(cached_repo: Path, tmp_path_factory: pytest.TempPathFactory) ->
     run([sys.executable, "-m", "stages.train"], repo)
     run([sys.executable, "-m", "stages.export"], repo)
     return repo
+
+
+@pytest.mark.slow
+def test_learning_rate_decays_as_scheduled(learned_repo: Path) -> None:
+    """The logged rate after each epoch is Model Maker's warm-up + cosine schedule, ending at cosine_decay_alpha."""
+    logged = logged_learning_rates(learned_repo)
+    assert logged == pytest.approx(expected_learning_rates(learned_repo, LEARNING["epochs"]), rel=1e-5)
+    assert logged[-1] < logged[len(logged) // 2] < max(logged)  # decays (cosine_decay_alpha: 1.0 keeps it flat)
 
 
 def known_object(repo: Path) -> tuple[Path, str, list[float]]:
@@ -160,6 +232,41 @@ def test_exported_model_finds_a_known_object(learned_repo: Path, tiny_pipeline: 
     assert sizes["float16"] < sizes["float32"] and sizes["int8"] < sizes["float16"] and sizes["dynamic"] < sizes["float16"]
 
 
+def test_imagenet_start_point_fills_every_backbone_variable_from_the_file(
+    cached_repo: Path, tmp_path: Path, keras_weights: Path, server
+) -> None:
+    """Downloaded through the real code from the fixture server, then the train stage's init, restored by Model Maker."""
+    repo = copy_of(cached_repo, tmp_path / "repo")
+    code = f"""
+import h5py, numpy as np, tensorflow as tf
+from pathlib import Path
+from stages.download import download_checkpoint
+from stages.train import init_checkpoint
+from trafficdet.fetch import RetryPolicy
+from trafficdet.modelmaker import build_detector, cache_record, create_model, label_names
+from trafficdet.params import TrainParams, load
+
+download_checkpoint("mobilenet_v2_imagenet", "{server.url}/{KERAS_WEIGHTS_PATH}", "", RetryPolicy(retries=1))
+params = load(TrainParams).model_copy(update={{"init": "pretrained", "architecture": "mobilenet_v2"}})
+labels = label_names(cache_record("train"))
+print("start", init_checkpoint(params, len(labels), Path("init")))
+detector = build_detector("mobilenet_v2", Path("init"), labels, {{}}, 3e-5, Path("out"))
+create_model(detector, None)  # Model Maker's own restore of the init checkpoint
+restored = [v.numpy() for v in detector._model._model.backbone.weights]
+saved = []
+with h5py.File("{keras_weights}") as f:
+    f.visititems(lambda name, item: saved.append(item[()]) if isinstance(item, h5py.Dataset) else None)
+unmatched = [a for a in saved if not any(a.shape == b.shape and np.array_equal(a, b) for b in restored)]
+print("variables", len(restored), len(saved), len(unmatched))
+with h5py.File("{keras_weights}") as f:
+    print("first conv", np.array_equal(f["Conv1/Conv1/kernel:0"][()], restored[0]))
+"""
+    out = run([sys.executable, "-c", code], repo).stdout
+    assert "start mobilenet_v2_imagenet" in out
+    assert "variables 260 260 0" in out  # 52 kernels + 52 x 4 BatchNorm: every one from the file
+    assert "first conv True" in out
+
+
 @pytest.mark.parametrize(
     ("section", "key", "value", "message"),
     [
@@ -167,7 +274,10 @@ def test_exported_model_finds_a_known_object(learned_repo: Path, tiny_pipeline: 
         ("train", "batch_size", 10_000, r"train\.batch_size: 10000 is larger than the training set"),
         ("train", "epochs", 0, r"train\.epochs: expected a positive integer, got 0"),
         ("export", "quantization", "int4", r"export\.quantization: expected 'float32', .* got 'int4'"),
-        ("train", "qat", {"enabled": True}, r"train\.qat\.enabled: QAT does not work with the locked Model Maker"),
+        ("export", "quantization", "qat_int8", r"export\.quantization: qat_int8 needs a model trained with QAT"),
+        ("train", "qat", {**QAT_TINY, "batch_size": 10_000}, r"train\.qat\.batch_size: 10000 is larger than the training"),
+        ("train", "qat", {"enabled": True}, r"train\.qat\.epochs: missing"),
+        ("train", "init", "pretrained", r"train\.init: pretrained 'mobilenet_v2', but the download stage fetched 'scratch'"),
     ],
 )
 def test_bad_params_fail_before_tensorflow(
@@ -191,26 +301,70 @@ def test_bad_params_fail_before_tensorflow(
     assert yaml.safe_load((repo / "params.yaml").read_text())[section][key] == value
 
 
-def test_bn_momentum_reaches_the_built_layers(cached_repo: Path, tmp_path: Path) -> None:
-    """Setting layer.momentum after the build is silently ignored; the config value is not."""
+def test_bn_momentum_reaches_the_built_layers_and_the_qat_model(cached_repo: Path, tmp_path: Path) -> None:
+    """Setting layer.momentum after the build is silently ignored; the config value is not, also after QAT's rebuild."""
     repo = copy_of(cached_repo, tmp_path / "repo")
     code = """
 import tensorflow as tf
 from pathlib import Path
-from trafficdet.modelmaker import build_detector, cache_record, create_model, label_names, model_spec, write_scratch_checkpoint
-labels = label_names(cache_record("train"))
-write_scratch_checkpoint(model_spec("mobilenet_multi_avg", Path("init")), len(labels), 3e-5, Path("init"))
+from trafficdet import modelmaker as mm
+labels = mm.label_names(mm.cache_record("train"))
+mm.write_scratch_checkpoint(mm.model_spec("mobilenet_v2", Path("init")), len(labels), 3e-5, Path("init"))
 images = tf.random.stateless_uniform([4, 256, 256, 3], seed=[1, 2])
+def moved(model):  # how far one training-mode call moves every BatchNorm moving mean, summed
+    means = [v for v in model.variables if "moving_mean" in v.name]
+    before = [v.numpy().copy() for v in means]
+    model(images, training=True)
+    return sum(float(abs(v.numpy() - b).sum()) for v, b in zip(means, before))
 for momentum in (None, 0.9):
-    detector = build_detector("mobilenet_multi_avg", Path("init"), labels, {}, 3e-5, Path("out"))
-    create_model(detector, momentum)
-    layer = next(l for l in detector._model.submodules if isinstance(l, tf.keras.layers.BatchNormalization))
-    before = layer.moving_mean.numpy().copy()
-    detector._model(images, training=True)
-    print("moved", momentum, float(abs(layer.moving_mean.numpy() - before).sum()))
+    detector = mm.build_detector("mobilenet_v2", Path("init"), labels, {}, 3e-5, Path("out"))
+    mm.create_model(detector, momentum)
+    print("moved", momentum, moved(detector._model))
+    mm.convert_to_qat(detector)
+    print("qat", momentum, moved(detector._model))
 """
-    moved = dict(
-        line.split()[1:] for line in run([sys.executable, "-c", code], repo).stdout.splitlines() if line.startswith("moved")
-    )
+    lines = [line.split() for line in run([sys.executable, "-c", code], repo).stdout.splitlines()]
+    moved = {(line[0], line[1]): float(line[2]) for line in lines if line and line[0] in ("moved", "qat")}
     # one update moves the moving mean by (1 - momentum) of the gap: 10x further at 0.9 than at 0.99
-    assert 8 < float(moved["0.9"]) / float(moved["None"]) < 12
+    for phase in ("moved", "qat"):
+        assert 8 < moved[phase, "0.9"] / moved[phase, "None"] < 12, phase
+
+
+def test_a_coco_trained_start_validated_on_train2017_images_prints_one_warning(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Model Maker's checkpoints were trained on COCO train2017: validating on those images flatters AP."""
+    from stages import train as train_stage
+    from trafficdet.params import TrainParams, parse
+
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["train"]
+    records = {
+        "train": {"size": 40, "num_shards": 1, "origins": {"train2017": 40}},
+        "val": {"size": 10, "num_shards": 1, "origins": {"train2017": 6, "val2017": 4}},
+    }
+    monkeypatch.setattr(train_stage.mm, "cache_record", lambda side: records[side])
+
+    class StopError(Exception):
+        pass
+
+    def stop() -> None:
+        raise StopError
+
+    monkeypatch.setattr(train_stage.mm, "quiet_tensorflow", stop)  # the warning comes before any TensorFlow work
+    start = {"pretrained": "mobilenet_v2"}  # what the download stage fetched: Model Maker's COCO checkpoint
+    monkeypatch.setattr(train_stage, "start_point", lambda params: start.get(params.init, "scratch"))
+    with pytest.raises(StopError):
+        train_stage.train(parse(TrainParams, {**base, "init": "pretrained"}))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train: warning: 6 of 10 validation images are from COCO train2017")
+    assert "optimistic" in lines[0]
+
+    for init, fetched, origins in (
+        ("scratch", "mobilenet_v2", {"train2017": 6, "val2017": 4}),
+        ("pretrained", "mobilenet_v2_imagenet", {"train2017": 6, "val2017": 4}),  # ImageNet saw no COCO image
+        ("pretrained", "mobilenet_v2", {"val2017": 10}),
+    ):
+        start["pretrained"], records["val"]["origins"] = fetched, origins
+        with pytest.raises(StopError):
+            train_stage.train(parse(TrainParams, {**base, "init": init}))
+        assert capsys.readouterr().out == ""

@@ -1,8 +1,13 @@
-"""Model Maker's object-detector architectures, without importing TensorFlow.
+"""Model Maker's object-detector architectures and the start points they can fine-tune from, without TensorFlow.
 
-Mirrors ``mediapipe_model_maker/python/vision/object_detector/model_spec.py`` (0.2.1.4):
-the folder Model Maker expects under ``$TMPDIR/model_maker/`` and the checkpoint URL.
+``ARCHITECTURES`` mirrors ``mediapipe_model_maker/python/vision/object_detector/model_spec.py``
+(0.2.1.4): the folder Model Maker expects under ``$TMPDIR/model_maker/`` and the checkpoint URL.
 ``tests/test_download.py`` checks this table against the installed package.
+
+``START_POINTS`` names what ``download.pretrained`` can fetch: each architecture's COCO
+checkpoint (Model Maker's bucket, 403 since early 2026) and Keras Applications' ImageNet
+MobileNetV2, whose backbone fits both MobileNetV2 architectures (decoder and head start
+from the seeded scratch initialisation).
 """
 
 from __future__ import annotations
@@ -53,4 +58,28 @@ ARCHITECTURES = {
             384,
         ),
     )
+}
+
+
+# keras/src/applications/mobilenet_v2.py (2.15): BASE_WEIGHT_PATH + the alpha-1.0, 224 px, no-top file.
+# Keras publishes no hash for it (get_file is called without file_hash): the fetched sha256
+# is recorded in models/pretrained/manifest.json; download.checkpoint_checksum pins one.
+KERAS_MOBILENET_V2_URL = (
+    "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+    "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+)
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    name: str  # download.pretrained
+    url: str  # the default download.checkpoint_url
+    fits: tuple[str, ...]  # train.architecture values it can initialise
+    kind: str  # "modelmaker": a COCO checkpoint tarball; "keras_imagenet": a Keras Applications h5 (backbone only)
+
+
+IMAGENET = "mobilenet_v2_imagenet"
+START_POINTS = {
+    IMAGENET: StartPoint(IMAGENET, KERAS_MOBILENET_V2_URL, ("mobilenet_v2", "mobilenet_v2_i320"), "keras_imagenet"),
+    **{arch.name: StartPoint(arch.name, arch.checkpoint_url, (arch.name,), "modelmaker") for arch in ARCHITECTURES.values()},
 }

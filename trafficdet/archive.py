@@ -44,7 +44,8 @@ def extract_zip(archive: Path, target: Path, rename: Callable[[str], str | None]
                 with zf.open(info) as src, open(out, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
                 extracted.append(out_name)
-    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as err:
+    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile, zlib_error, NotImplementedError, RuntimeError) as err:
+        # a bad CRC (BadZipFile) or deflate stream (zlib.error), an unknown method or encryption
         raise PipelineError(f"{archive}: truncated or corrupt zip archive ({err}); delete it and download again") from None
     return extracted
 

@@ -1,7 +1,8 @@
-"""Reading COCO annotation files fast: only the fields the pipeline uses, segmentations skipped."""
+"""Reading COCO annotation files fast (only the fields the pipeline uses, segmentations skipped); cleaning boxes."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ class Annotation(msgspec.Struct):
     category_id: int
     bbox: Any = None  # checked by clean_box, so a bad box is counted rather than fatal
     iscrowd: int = 0
+    area: Any = None  # COCO's segmentation area (what COCOeval's small/medium/large use); checked by the filter
 
 
 class Category(msgspec.Struct):
@@ -84,3 +86,39 @@ def load_pool(files: list[Path]) -> Pool:
             pool.images[image.id] = record
         pool.annotations.extend(data.annotations)
     return pool
+
+
+def clean_box(bbox: Any, width: float, height: float, min_side: float) -> tuple[list[float] | None, str]:
+    """Clip a COCO xywh box to its image; return (box, "") or (None, reason)."""
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
+        return None, "malformed"
+    x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        return None, "degenerate"
+    x0, y0, x1, y1 = max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        return None, "outside_image"
+    if x1 - x0 < min_side or y1 - y0 < min_side:
+        return None, "too_small"
+    clipped = [x0, y0, _fit(x0, x1 - x0, width), _fit(y0, y1 - y0, height)]
+    return clipped, "clipped" if clipped != [x, y, w, h] else ""
+
+
+def _fit(start: float, size: float, limit: float) -> float:
+    """Shrink ``size`` by float ulps until ``start + size <= limit``.
+
+    Model Maker silently skips a box whose right or bottom edge exceeds the image by
+    even one rounding error, so the clipped box must fit exactly.
+    """
+    while start + size > limit:
+        size = math.nextafter(size, 0.0)
+    return size
+
+
+def coco_area(ann: Annotation, box: list[float]) -> float:
+    """COCO's own area (of the segmentation) when the source has one, else the box's: COCOeval's
+    small/medium/large ranges use this field, so APs/APm/APl stay comparable with COCO's."""
+    area = ann.area
+    if isinstance(area, (int, float)) and not isinstance(area, bool) and math.isfinite(area) and area > 0:
+        return float(area)
+    return box[2] * box[3]

@@ -37,13 +37,27 @@ def write_json(path: Path, data: Any, *, indent: bool = False) -> None:
     write_bytes(path, orjson.dumps(data, option=option) + (b"\n" if indent else b""))
 
 
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Give an OS error raised without a file name (a failed ``write``) the name of the output being written.
+
+    So that "No space left on device" says where: ``run_stage`` prints the name.
+    """
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from err
+        raise
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` atomically: temp file in the same directory, fsync-free rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with naming(path), os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode
         os.replace(tmp, path)
@@ -96,8 +110,10 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; outputs get the usual mode
     try:
-        yield tmp
+        with naming(path):
+            yield tmp
         if path.is_symlink() or path.is_file():
             path.unlink()
         elif path.exists():

@@ -15,7 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from trafficdet.architectures import ARCHITECTURES
+from trafficdet.architectures import ARCHITECTURES, START_POINTS
 from trafficdet.errors import PipelineError
 from trafficdet.paths import PARAMS
 
@@ -26,10 +26,19 @@ NonNegativeFloat = Annotated[float, Field(ge=0, description="a number >= 0")]
 Fraction = Annotated[float, Field(gt=0, lt=1, description="a number between 0 and 1 (exclusive)")]
 Checksum = Annotated[str, Field(pattern=r"^((md5|sha256):[0-9a-fA-F]+)?$", description="'' or 'md5:<hex>' or 'sha256:<hex>'")]
 Url = Annotated[str, Field(pattern=r"^https?://\S+$", description="an http:// or https:// URL")]
+HostName = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$",
+        description="a host name such as 'example.org' (no scheme, port or path)",
+    ),
+]
 OptionalUrl = Annotated[str, Field(pattern=r"^(https?://\S+)?$", description="'' or an http:// or https:// URL")]
 
 Architecture = Literal["mobilenet_v2", "mobilenet_v2_i320", "mobilenet_multi_avg", "mobilenet_multi_avg_i384"]
+StartPoint = Literal["mobilenet_v2_imagenet", Architecture]
 assert set(Architecture.__args__) == set(ARCHITECTURES)  # type: ignore[attr-defined]
+assert set(StartPoint.__args__) == set(START_POINTS)  # type: ignore[attr-defined]
 
 
 class Section(BaseModel):
@@ -48,7 +57,7 @@ class DownloadParams(Section):
     annotations_checksum: Checksum
     relabel_url: OptionalUrl
     relabel_checksum: Checksum
-    pretrained: Literal[Architecture, "scratch"]
+    pretrained: Literal[StartPoint, "scratch"]
     checkpoint_url: OptionalUrl
     checkpoint_checksum: Checksum
     images: Literal["per_image", "zips"]
@@ -57,9 +66,11 @@ class DownloadParams(Section):
     train_zip_checksum: Checksum
     val_zip_url: Url
     val_zip_checksum: Checksum
+    allowed_hosts: Annotated[list[HostName], Field(description="a list of host names (may be empty)")]
     retries: NonNegativeInt
     backoff_s: NonNegativeFloat
     timeout_s: PositiveFloat
+    min_kbytes_per_s: PositiveFloat
 
 
 class FilterParams(Section):
@@ -67,8 +78,11 @@ class FilterParams(Section):
     classes: Annotated[list[str], Field(min_length=1, description="a list of class names")]
     include_all: Annotated[list[str], Field(description="a list of class names (may be empty)")]
     images_per_class: Annotated[NonNegativeInt | Literal["all"], Field(description="an integer >= 0 or 'all'")]
+    keep_all_from: Annotated[
+        list[Literal["train2017", "val2017"]], Field(description="a list of train2017, val2017 (may be empty)")
+    ]
     seed: int
-    drop_crowd: bool
+    unrelabelled_lights: Literal["exclude", "traffic_light"]
     min_box_side: NonNegativeFloat
 
     @field_validator("classes")
@@ -81,13 +95,16 @@ class FilterParams(Section):
 
 class SplitParams(Section):
     name = "split"
-    method: Literal["stratified", "published"]
+    method: Literal["coco", "stratified", "published"]
     val_fraction: Fraction
     seed: int
 
 
 class QatParams(Section):
     enabled: bool
+    epochs: PositiveInt
+    learning_rate: PositiveFloat
+    batch_size: PositiveInt
 
 
 class TrainParams(Section):
@@ -107,8 +124,10 @@ class TrainParams(Section):
     num_gpus: NonNegativeInt
     cpu_replicas: PositiveInt
     qat: QatParams
+    mixed_precision: Literal["off", "float16", "bfloat16"]
+    jit_compile: bool
 
-    @field_validator("distribution_strategy", mode="before")
+    @field_validator("distribution_strategy", "mixed_precision", mode="before")
     @classmethod
     def _yaml_off(cls, value: Any) -> Any:
         return "off" if value is False else value  # YAML 1.1 reads an unquoted `off` as false
@@ -116,7 +135,7 @@ class TrainParams(Section):
 
 class ExportParams(Section):
     name = "export"
-    quantization: Literal["float32", "float16", "int8", "dynamic"]
+    quantization: Literal["float32", "float16", "int8", "dynamic", "qat_int8"]
     representative_steps: PositiveInt
     latency_images: PositiveInt
     latency_repeats: PositiveInt

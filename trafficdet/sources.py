@@ -1,7 +1,8 @@
 """Bring-your-own datasets: a local COCO or PASCAL VOC folder read into one COCO dict.
 
-Images keep their location as ``local_path`` (instead of ``coco_url``), so the images
-stage links them into the image store and the rest of the pipeline is unchanged.
+Images keep their location as ``local_path`` (instead of ``coco_url``), relative to the
+folder (``download.source_path``) so that the output is the same wherever the repository
+is; the images stage links them into the image store and the rest of the pipeline is unchanged.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ def import_coco_folder(root: Path) -> dict[str, Any]:
     if image_dir is None:
         raise PipelineError(f"{root}: no images/ (or data/) folder beside labels.json")
     for image in data["images"]:
-        try:
-            image["local_path"] = str((image_dir / image["file_name"]).resolve())
-        except (KeyError, TypeError):
-            raise PipelineError(f"{labels}: image entry without file_name: {image!r:.200}") from None
+        name = image.get("file_name") if isinstance(image, dict) else None
+        if not isinstance(name, str):
+            raise PipelineError(f"{labels}: image entry without a file_name string: {image!r:.200}")
+        image["local_path"] = f"{image_dir.name}/{name}"
     return data
 
 
@@ -63,7 +64,7 @@ def import_voc_folder(root: Path) -> dict[str, Any]:
                 "file_name": file_name,
                 "width": int(_voc_int(size, "width", xml_path)),
                 "height": int(_voc_int(size, "height", xml_path)),
-                "local_path": str((image_dir / file_name).resolve()),
+                "local_path": f"{image_dir.name}/{file_name}",
             }
         )
         for obj in tree.iter("object"):
