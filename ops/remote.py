@@ -41,7 +41,7 @@ def check_remote(repo_root: Path = Path("."), name: str | None = None) -> str:
         except NoRemoteError:
             raise PipelineError(
                 f"{repo_root.resolve()}: no DVC remote set; add one with `dvc remote add -d storage s3://<bucket>/<prefix>` "
-                "(see README, 'Share data and models')"
+                "(see docs/remote-and-releases.md)"
             ) from None
         config = repo.config["remote"][remote.name]
         label = describe(remote.name, config)
