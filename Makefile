@@ -45,6 +45,7 @@ bench: $(DEV_STAMP)  ## run bench/ (results in bench/out/, figures in BENCHMARKS
 	$(BIN)/python bench/bench_tflite.py
 	$(BIN)/python bench/bench_cache.py
 	$(BIN)/python bench/bench_input.py
+	$(BIN)/python bench/bench_quantization.py
 
 demo: $(STAMP)  ## the whole pipeline offline on synthetic street scenes (about 10 min)
 	$(BIN)/python -m testkit.demo

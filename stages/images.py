@@ -8,8 +8,8 @@ half of downloading: mirror, route, hosts, workers). Writes
     reports/images.json counts (DVC metrics)
 
 ``download.images: per_image`` fetches each image from its ``coco_url`` (through the
-mirror) in parallel; ``zips`` downloads COCO's train2017/val2017 zips as the reference
-notebook did and extracts only the needed files. The user's own datasets are hard-linked
+mirror) in parallel; ``zips`` downloads COCO's train2017/val2017 zips as the Colab
+walk-through did and extracts only the needed files. The user's own datasets are hard-linked
 (copied across file systems). What the store trusts, and what it fetches again, is in
 trafficdet/store.py.
 """

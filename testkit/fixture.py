@@ -435,7 +435,8 @@ def main() -> None:
     print(f"wrote {manifest['images']} images, {manifest['annotations']} annotations to {args.root}")
     flags = " ".join(f"-S download.{key}={value}" for key, value in download_params(args.url, manifest).items())
     print(f"serve it:  python -m testkit.fixture_server {args.root} --port {args.url.rsplit(':', 1)[-1]}")
-    print(f"use it:    dvc exp run {flags}")
+    # The fixture's checkpoint holds random bytes: train from scratch (momentum 0.9 suits it, docs/model.md).
+    print(f"use it:    dvc exp run {flags} -S train.init=scratch -S train.bn_momentum=0.9")
 
 
 if __name__ == "__main__":
