@@ -50,8 +50,13 @@ bench: $(DEV_STAMP)  ## run bench/ (results in bench/out/, figures in BENCHMARKS
 demo: $(STAMP)  ## the whole pipeline offline on synthetic street scenes (about 10 min)
 	$(BIN)/python -m testkit.demo
 
-compare: $(STAMP)  ## dvc exp show: experiments, changed params, headline metrics
-	dvc exp show --only-changed
+# The experiments of HEAD: each one's name, the params it changed and the headline metrics
+# (--keep shows those even when equal), not the deps' hashes (paths) nor the Created time.
+# More: make compare ARGS='-A' (all commits), ARGS=--csv, ARGS='--sort-by tflite.AP';
+# REPO_DIR=.demo/repo compares the demo's (docs/experiments.md).
+REPO_DIR ?= .
+compare: $(STAMP)  ## dvc exp show: experiments, changed params, headline metrics (ARGS=..., REPO_DIR=...)
+	dvc --cd $(REPO_DIR) exp show --only-changed --keep '(tflite|keras)\.|size_mb|latency_ms' --drop 'Created|.*/' $(ARGS)
 
 push: $(STAMP)  ## check the DVC remote, then dvc push
 	$(BIN)/python -m ops.remote check && dvc push

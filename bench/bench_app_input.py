@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--repo", type=Path, default=ROOT / ".demo/repo")
     parser.add_argument("--out", type=Path, default=OUT / "app_input.json")
     args = parser.parse_args()
-    metrics_file = args.repo / "reports/evaluate/metrics.json"
+    metrics_file = args.repo / "reports/evaluate/coco.json"
     if not metrics_file.exists():
         sys.exit(f"{args.repo}: no evaluated model (run `make demo` first, or pass --repo)")
     keras_metrics = json.loads(metrics_file.read_text())["keras"]

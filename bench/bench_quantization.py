@@ -44,7 +44,7 @@ def main() -> None:
     results = {}
     for kind in KINDS:
         subprocess.run(["dvc", "exp", "run", f"-Sexport.quantization={kind}"], cwd=repo, env=env, check=True)
-        tflite = json.loads((repo / "reports/evaluate/metrics.json").read_text())["tflite"]
+        tflite = json.loads((repo / "reports/evaluate/coco.json").read_text())["tflite"]
         size = json.loads((repo / "reports/export.json").read_text())["size_mb"]
         latency = json.loads((repo / "reports/timing/export.json").read_text())["latency_ms"]
         results[kind] = {

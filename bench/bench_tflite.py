@@ -63,12 +63,12 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     args = parser.parse_args()
     repo = args.repo.resolve()
-    if not (repo / "reports/evaluate/metrics.json").exists():
+    if not (repo / "reports/evaluate/coco.json").exists():
         sys.exit(f"{repo}: no trained and evaluated model (run `make demo` first, or pass --repo)")
     OUT.mkdir(exist_ok=True)
     ground_truth = json.loads((repo / "data/split/val/labels.json").read_text())
     images = repo / "data/images"
-    keras = json.loads((repo / "reports/evaluate/metrics.json").read_text())["keras"]
+    keras = json.loads((repo / "reports/evaluate/coco.json").read_text())["keras"]
 
     variants: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench_tflite.") as scratch:

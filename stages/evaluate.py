@@ -6,8 +6,11 @@
     letterbox to a square, background denied, boxes clipped to the frame). Both are scored by
     pycocotools' COCOeval (or faster-coco-eval, which gives identical numbers) against
     data/split/val/labels.json. Writes, with dvclive, reports/evaluate/:
-    metrics.json                          keras/* and tflite/*: AP ... AR100, val losses,
-                                          and per-class AP / AP50
+    metrics.json                          the headline (DVC metrics, `dvc exp show` columns):
+                                          tflite AP, AP50 and AP50 per class; keras AP, AP50
+    coco.json                             every number: keras/tflite AP ... AR100, per-class
+                                          AP / AP50, the Keras val losses (`dvc metrics show
+                                          reports/evaluate/coco.json`)
     plots/ap/{keras,tflite}.json          per-class AP (bars)
     plots/pr/<model>_<class>.json         precision-recall curve per class (IoU 0.5)
     plots/images/predictions.png          validation images: ground truth and TFLite boxes
@@ -31,7 +34,16 @@ from trafficdet.io import atomic_dir, read_json, remove_stale_temps, write_bytes
 from trafficdet.model_card import render as render_model_card
 from trafficdet.modelmaker import keras_model, load_dataset, preprocessor, quiet_tensorflow, restore_detector
 from trafficdet.params import EvaluateParams, load
-from trafficdet.paths import EVALUATE_LIVE, IMAGE_STORE, MODEL, MODEL_CARD, MODEL_METADATA, TRAINED, split_labels
+from trafficdet.paths import (
+    EVALUATE_DETAILS,
+    EVALUATE_LIVE,
+    IMAGE_STORE,
+    MODEL,
+    MODEL_CARD,
+    MODEL_METADATA,
+    TRAINED,
+    split_labels,
+)
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"]
 
@@ -161,14 +173,25 @@ def prediction_grid(
     return grid
 
 
-def write_results(live: Any, model: str, result: dict[str, Any], extra: dict[str, float], out: Path) -> None:
-    for metric, value in result["overall"].items():
-        live.log_metric(f"{model}/{metric}", round(value, 4), plot=False)
-    for name, value in extra.items():
-        live.log_metric(f"{model}/{name}", round(value, 4), plot=False)
-    for name, values in result["per_class"].items():
-        for metric, value in values.items():
-            live.log_metric(f"{model}/per_class/{name}/{metric}", round(value, 4), plot=False)
+def headline(keras: dict[str, Any], tflite: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The numbers an experimenter compares (DVC metrics, so `dvc exp show` columns): AP and AP50 of
+    the shipped TFLite file and of the Keras model, and the TFLite AP50 of each class."""
+    per_class = {f"AP50_{name}": values["AP50"] for name, values in tflite["per_class"].items()}
+    return {
+        "tflite": {"AP": tflite["overall"]["AP"], "AP50": tflite["overall"]["AP50"], **per_class},
+        "keras": {"AP": keras["overall"]["AP"], "AP50": keras["overall"]["AP50"]},
+    }
+
+
+def details(result: dict[str, Any], extra: dict[str, float]) -> dict[str, Any]:
+    """All of one model's COCO numbers (and ``extra``), rounded as the metrics are: reports/evaluate/coco.json."""
+    return {
+        **{metric: round(value, 4) for metric, value in (result["overall"] | extra).items()},
+        "per_class": {name: {k: round(v, 4) for k, v in values.items()} for name, values in result["per_class"].items()},
+    }
+
+
+def write_plots(model: str, result: dict[str, Any], out: Path) -> None:
     write_json(
         out / "plots/ap" / f"{model}.json",
         [{"class": name, "AP": max(v["AP"], 0.0)} for name, v in result["per_class"].items()],
@@ -199,8 +222,12 @@ def evaluate(params: EvaluateParams) -> dict[str, dict[str, Any]]:
     tflite_dets = tflite_detections(MODEL, ground_truth, IMAGE_STORE, params.max_detections)
     tflite = coco_evaluate(ground_truth, tflite_dets, backend)
     with atomic_dir(EVALUATE_LIVE) as out, Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:  # all or nothing
-        write_results(live, "keras", keras, losses, out)
-        write_results(live, "tflite", tflite, {}, out)
+        for model, numbers in headline(keras, tflite).items():
+            for name, value in numbers.items():
+                live.log_metric(f"{model}/{name}", round(value, 4), plot=False)
+        write_json(out / EVALUATE_DETAILS.name, {"keras": details(keras, losses), "tflite": details(tflite, {})}, indent=True)
+        write_plots("keras", keras, out)
+        write_plots("tflite", tflite, out)
         live.log_image("predictions.png", prediction_grid(ground_truth, tflite_dets, IMAGE_STORE))
     card = render_model_card(metadata, keras, tflite, len(ground_truth["images"]), MODEL.stat().st_size)
     write_bytes(MODEL_CARD, card.encode())

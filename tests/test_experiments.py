@@ -1,4 +1,4 @@
-"""Experiments on the tiny config: `dvc exp run -S`, a queued grid, and comparing them."""
+"""Experiments on the tiny config: `dvc exp run -S`, a queued grid, and comparing them (`make compare`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,24 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from testkit.repo_copy import commit_all
+from testkit.repo_copy import ROOT, commit_all
 from tests.conftest import PipelineRun, run, stages_run
 
 AP_COLUMNS = ("keras.AP", "keras.AP50", "tflite.AP", "tflite.AP50")
+# What DVC calls metrics: the columns an experimenter compares. Every other report is a plain output.
+METRIC_FILES = {"reports/evaluate/metrics.json", "reports/export.json", "reports/timing/export.json"}
+REPORTS = {
+    "reports/filter.json",
+    "reports/images.json",
+    "reports/split.json",
+    "reports/cache.json",
+    "reports/train/metrics.json",
+    "reports/timing/train/metrics.json",
+    "reports/evaluate/coco.json",
+}
+MAX_COLUMNS = 30
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +96,52 @@ def test_exp_run_queue_grid_show_and_diff(exp_repo: Path) -> None:
     losses = plots["data"]["reports/train/plots/metrics/val/total_loss.tsv"]
     assert {rev for entry in losses for rev in entry["revisions"]} == {low, high}
     assert {point["rev"] for entry in losses for point in entry["content"]["data"]["values"]} == {low, high}
+
+
+def declared_outputs() -> dict[str, tuple[str, dict]]:
+    """Every output dvc.yaml declares: path -> (outs | metrics | plots, its options)."""
+    found = {}
+    for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                path, options = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
+                found[path] = (kind, options or {})
+    return found
+
+
+def test_only_the_headline_files_are_metrics() -> None:
+    declared = declared_outputs()
+    assert {path for path, (kind, _) in declared.items() if kind == "metrics"} == METRIC_FILES
+    # The data and training reports are still declared, as outputs that git keeps (cache: false).
+    assert {path: declared[path][0] for path in REPORTS} == dict.fromkeys(REPORTS, "outs")
+    assert all(declared[path][1].get("cache") is False for path in REPORTS | METRIC_FILES)
+
+
+def compare(repo: Path) -> list[str]:
+    """The header of `make compare` (the Makefile's own recipe) in ``repo``, as CSV."""
+    # STAMP= : the test's venv is already the one make would set up (its stamp may predate the lock).
+    table = run(["make", "-s", "compare", "STAMP=", f"REPO_DIR={repo}", "ARGS=--csv"], ROOT).stdout
+    return table.splitlines()[0].split(",")
+
+
+@pytest.mark.slow
+def test_compare_shows_the_headline_in_at_most_30_columns(tiny_pipeline: PipelineRun) -> None:
+    repo = tiny_pipeline.repo
+    classes = yaml.safe_load((repo / "params.yaml").read_text())["filter"]["classes"]
+    metrics = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    headline = {"tflite": {"AP", "AP50", *(f"AP50_{name}" for name in classes)}, "keras": {"AP", "AP50"}}
+    assert {model: set(values) for model, values in metrics.items()} == headline
+    assert all(-1 <= value <= 1 for values in metrics.values() for value in values.values())
+
+    header = compare(repo)
+    assert len(header) <= MAX_COLUMNS, header
+    # The tiny run changed split.seed after its commit: the workspace row differs from HEAD in it alone.
+    params = [column for column in header if column.split(".")[0] in ("download", "filter", "split", "train", "export")]
+    assert params == ["split.seed"], header
+    columns = {f"{model}.{name}" for model, names in headline.items() for name in names} | {"size_mb", "latency_ms"}
+    assert columns <= set(header), columns - set(header)
+    assert not [column for column in header if "/" in column or column == "Created"]  # no deps' hashes
+
+    # A report that is no longer a metric still prints with `dvc metrics show <file>` (DVC 3).
+    shown = json.loads(run(["dvc", "metrics", "show", "--json", "reports/filter.json"], repo).stdout)
+    assert shown[""]["data"]["reports/filter.json"]["data"] == json.loads((repo / "reports/filter.json").read_text())

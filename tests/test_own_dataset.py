@@ -72,5 +72,5 @@ def test_own_five_image_coco_folder_through_every_stage(tmp_path: Path) -> None:
     model = repo / "models/model.tflite"
     assert tflite_labels(model) == ["background", *classes]
     assert detect(model, repo / "data/images" / val["images"][0]["file_name"])  # loads and runs in MediaPipe Tasks
-    metrics = json.loads((repo / "reports/evaluate/metrics.json").read_text())
-    assert set(metrics["tflite"]["per_class"]) == set(classes) and -1 <= metrics["tflite"]["AP"] <= 1
+    coco = json.loads((repo / "reports/evaluate/coco.json").read_text())
+    assert set(coco["tflite"]["per_class"]) == set(classes) and -1 <= coco["tflite"]["AP"] <= 1

@@ -123,7 +123,7 @@ def test_a_release_tag_restores_its_exact_model(released_repo: Path, tmp_path: P
     set_param(released_repo, "export", "quantization", "float16")
     changed = run(["dvc", "repro"], released_repo)
     assert stages_run(changed.stdout) == ["export", "evaluate"]  # only what the param feeds
-    assert json.loads((released_repo / "reports/export.json").read_text())["quantization"] == "float16"
+    assert json.loads((released_repo / "models/metadata.json").read_text())["quantization"] == "float16"
     v2 = md5(released_repo / "models/model.tflite")
     assert v2 != v1
     refused = run(["python", "-m", "ops.release", "1.1.0"], released_repo, check=False)

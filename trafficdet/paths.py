@@ -49,7 +49,8 @@ MODEL_LABELS = Path("models/labels.txt")
 EXPORT_REPORT = Path("reports/export.json")
 
 # evaluate
-EVALUATE_LIVE = Path("reports/evaluate")
+EVALUATE_LIVE = Path("reports/evaluate")  # dvclive: metrics.json (the headline), plots/
+EVALUATE_DETAILS = EVALUATE_LIVE / "coco.json"  # every COCO number, per model and class
 MODEL_CARD = Path("models/MODEL_CARD.md")  # the app's input contract and the expected AP
 
 # Measurements of the machine that ran a stage (seconds, images/s, latency): the only outputs
