@@ -32,7 +32,7 @@ repro: $(STAMP)  ## run the pipeline (dvc repro): COCO 2017 + cocoTraffic -> mod
 	dvc repro
 
 test: $(DEV_STAMP)  ## run the test suite, offline (fixture and S3 store on 127.0.0.1)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: $(DEV_STAMP)  ## ruff check and format check
 	ruff check . && ruff format --check .

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from filelock import FileLock
 
 from testkit.fixture import download_params, generate
 from testkit.fixture_server import FixtureServer
@@ -109,23 +112,36 @@ class PipelineRun:
 def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory, fixture_tree) -> PipelineRun:
     """The whole pipeline once on the tiny config, incrementally: data half, no-op, split param change, model half.
 
-    Session-wide because a full run costs minutes: the pipeline test checks it, the
-    remote and experiment tests start from copies of it.
+    Built once per `pytest` run, also under pytest-xdist (`make test` runs 2 workers): the first
+    worker to ask builds it in the folder the workers share, under a file lock; the others wait
+    and read it. Tests treat it as read-only and work on copies.
     """
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above each worker's own
     root, manifest = fixture_tree
+    built, record = shared / "tiny_pipeline", shared / "tiny_pipeline.json"
+    with FileLock(shared / "tiny_pipeline.lock"):
+        if not record.exists():
+            shutil.rmtree(built, ignore_errors=True)
+            record.write_text(json.dumps(build_tiny_pipeline(root, manifest, built / "repo")))
+    return PipelineRun(built / "repo", json.loads(record.read_text()))
+
+
+def build_tiny_pipeline(root: Path, manifest: dict[str, Any], repo: Path) -> dict[str, str]:
     outputs = {}
     with FixtureServer(root) as server:
         overrides = fixture_overrides(server, manifest)
         for section, values in TINY_MODEL.items():
             overrides.setdefault(section, {}).update(values)
-        repo = make_repo(tmp_path_factory.mktemp("pipeline") / "repo", overrides)
+        make_repo(repo, overrides)
         outputs["data"] = run(["dvc", "repro", "cache"], repo).stdout
         outputs["data_again"] = run(["dvc", "repro", "cache"], repo).stdout
         set_param(repo, "split", "seed", 43)
         outputs["split_changed"] = run(["dvc", "repro", "cache"], repo).stdout
         outputs["model"] = run(["dvc", "repro"], repo).stdout
         outputs["model_again"] = run(["dvc", "repro"], repo).stdout
-    return PipelineRun(repo, outputs)
+    return outputs
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,9 @@ into an output would show), stage by stage from download to evaluate:
   2. for the cache stage, a run killed (SIGKILL) halfway, which leaves its temp folders;
   3. ``dvc repro -f -s <stage>``: the good run that must recover, byte for byte.
 The tests below read what the pass recorded. Train and export run under the CPU
-determinism the project already has (seeded, op determinism); the measurements of the
-machine under reports/timing/ are the only outputs allowed to differ.
+determinism the project already has (seeded, op determinism): training again gives the
+same checkpoint bytes (models/train's md5), so no other test trains twice to check it. The
+measurements of the machine under reports/timing/ are the only outputs allowed to differ.
 """
 
 from __future__ import annotations

@@ -76,13 +76,14 @@ def logged_learning_rates(repo: Path) -> list[float]:
 
 
 def expected_learning_rates(repo: Path, epochs: int) -> list[float]:
-    """Model Maker's schedule after each epoch: linear warm-up over 10% of the steps, then cosine to alpha."""
+    """The rate of each epoch's last step (what Keras' optimizer reports after it): Model Maker's linear
+    warm-up over 10% of the steps, then cosine to alpha."""
     train = yaml.safe_load((repo / "params.yaml").read_text())["train"]
     steps = json.loads((repo / "data/cache/train/cache.json").read_text())["size"] // train["batch_size"]
     total, peak, alpha = steps * epochs, train["learning_rate"] * train["batch_size"] / 256, train["cosine_decay_alpha"]
     warmup = int(total * 0.1)
     rates = []
-    for step in (steps * (epoch + 1) for epoch in range(epochs)):
+    for step in (steps * (epoch + 1) - 1 for epoch in range(epochs)):  # the schedule counts steps from 0
         cosine = (1 - alpha) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)) + alpha
         rates.append(peak * step / warmup if step < warmup else peak * cosine)
     return rates
@@ -148,24 +149,13 @@ def tensor_types(model: Path) -> set[str]:
     return {detail["dtype"].__name__ for detail in tf.lite.Interpreter(model_path=str(model)).get_tensor_details()}
 
 
-@pytest.mark.slow
-def test_training_is_deterministic(cached_repo: Path, tiny_pipeline: PipelineRun, tmp_path: Path) -> None:
-    """Training again on the same data and params gives the session's tiny run's weights, bit for bit."""
-    repo = copy_of(cached_repo, tmp_path / "repo")  # the tiny run's repo without its model
-    run([sys.executable, "-m", "stages.train"], repo)
-    first = checkpoint_values(tiny_pipeline.repo / "models/train/float_ckpt")
-    second = checkpoint_values(repo / "models/train/float_ckpt")
-    assert first.keys() == second.keys() and len(first) > 100
-    different = [name for name in first if not np.array_equal(first[name], second[name])]
-    assert different == []
-
-
-# A run on the cached repo's 32 images that learns enough to find a car in an image it never
-# saw: from scratch, so BatchNorm's moving statistics must keep up (0.9), and a higher
-# learning rate than the fine-tuning default. Measured: the known car is found at score 0.85
-# (IoU 0.60) in float32 and 0.84 (IoU 0.59) in int8; the 1-epoch model finds nothing >= 0.4.
-# The architecture is pinned to the one measured, whatever params.yaml's default becomes.
-LEARNING = {"architecture": "mobilenet_multi_avg", "epochs": 30, "learning_rate": 1.0, "bn_momentum": 0.9}
+# A run on the cached repo's 28 training images that learns enough to find a car in an image it
+# never saw: from scratch, so BatchNorm's moving statistics must keep up (0.9), and a higher
+# learning rate than the fine-tuning default, decaying as params.yaml's schedule does.
+# Measured: the known car is found at score 0.64 (IoU 0.62) in float32 and float16, 0.66 in
+# int8; 30 epochs reached only 0.34; the 1-epoch model finds nothing >= 0.4. The architecture
+# is pinned to the one measured, whatever params.yaml's default becomes.
+LEARNING = {"architecture": "mobilenet_multi_avg", "epochs": 60, "learning_rate": 1.0, "bn_momentum": 0.9}
 SCORE_THRESHOLD = 0.4  # an app's working threshold, not 0 (at 0 any model "detects")
 
 
