@@ -9,7 +9,6 @@ have the same bytes. Target (issue 11): ours >= 1.8x the baseline on 2 cores.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -17,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import OUT, machine, median
+from common import OUT, machine, median, sized_args
 from synth import coco_folder, mean_jpeg_kb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,11 +58,7 @@ def run_kind(cores: str, parallel: bool, folder: Path, out: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
-    OUT.mkdir(exist_ok=True)
+    args = sized_args(__doc__, images=2000)
     folder = OUT / f"synth-{args.images}"
     if not (folder / "labels.json").exists():  # reused across runs: generating takes longer than writing
         coco_folder(folder, args.images)

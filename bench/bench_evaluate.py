@@ -7,13 +7,12 @@ stages.evaluate.coco_evaluate with each backend in fresh processes, median of --
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
 from pathlib import Path
 
-from common import OUT, machine, median, run_child
+from common import OUT, machine, median, run_child, sized_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,11 +74,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "overall": result["ove
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
-    OUT.mkdir(exist_ok=True)
+    args = sized_args(__doc__, images=2000)
     gt, detections = synthetic(args.images)
     gt_file, det_file = OUT / "eval_gt.json", OUT / "eval_dets.json"
     gt_file.write_text(json.dumps(gt))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -38,3 +39,13 @@ def run_child(code: str, *args: str) -> dict:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def sized_args(doc: str, images: int, runs: int = 3) -> argparse.Namespace:
+    """``--images`` and ``--runs`` of a benchmark over a synthetic set; bench/out/ exists afterwards."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--images", type=int, default=images)
+    parser.add_argument("--runs", type=int, default=runs)
+    args = parser.parse_args()
+    OUT.mkdir(exist_ok=True)
+    return args
