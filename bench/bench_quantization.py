@@ -27,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=ROOT / ".demo-qat", help="where the demo runs")
     parser.add_argument("--repo", type=Path, help="a demo repo trained with QAT already (skips the demo)")
+    parser.add_argument("--epochs", type=int, default=15, help="float epochs before QAT")
     parser.add_argument("--qat-epochs", type=int, default=15)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more demo overrides")
     args = parser.parse_args()
@@ -35,7 +36,8 @@ def main() -> None:
     repo = args.repo
     if repo is None:
         sets = ["train.qat.enabled=true", f"train.qat.epochs={args.qat_epochs}", *args.set]
-        command = [sys.executable, "-m", "testkit.demo", "--dir", str(args.dir), *(f"--set={item}" for item in sets)]
+        command = [sys.executable, "-m", "testkit.demo", "--dir", str(args.dir), "--epochs", str(args.epochs)]
+        command += [f"--set={item}" for item in sets]
         subprocess.run(command, cwd=ROOT, env=env, check=True)
         repo = args.dir / "repo"
     trained = json.loads((repo / "models/train/train.json").read_text())
