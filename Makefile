@@ -37,17 +37,17 @@ test: $(DEV_STAMP)  ## run the test suite, offline (fixture and S3 store on 127.
 lint: $(DEV_STAMP)  ## ruff check and format check
 	ruff check . && ruff format --check .
 
-bench: $(DEV_STAMP)  ## run bench/ (results in bench/out/, figures in BENCHMARKS.md); the last two need `make demo` first
+bench: $(DEV_STAMP)  ## run bench/ (results in bench/out/, figures in BENCHMARKS.md); app_input and tflite need `make demo` first
 	$(BIN)/python bench/bench_filter.py
 	$(BIN)/python bench/bench_images.py
 	$(BIN)/python bench/bench_evaluate.py
-	$(BIN)/python bench/bench_app_input.py
-	$(BIN)/python bench/bench_tflite.py
 	$(BIN)/python bench/bench_cache.py
 	$(BIN)/python bench/bench_input.py
+	$(BIN)/python bench/bench_app_input.py
+	$(BIN)/python bench/bench_tflite.py
 	$(BIN)/python bench/bench_quantization.py
 
-demo: $(STAMP)  ## the whole pipeline offline on synthetic street scenes (about 10 min)
+demo: $(STAMP)  ## the whole pipeline offline on synthetic street scenes (about 14 min)
 	$(BIN)/python -m testkit.demo
 
 # The experiments of HEAD: each one's name, the params it changed and the headline metrics

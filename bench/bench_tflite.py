@@ -60,11 +60,14 @@ def main() -> None:
     parser.add_argument("--repo", type=Path, default=ROOT / ".demo/repo")
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, help="default: every kind the trained model allows")
     args = parser.parse_args()
     repo = args.repo.resolve()
     if not (repo / "reports/evaluate/coco.json").exists():
         sys.exit(f"{repo}: no trained and evaluated model (run `make demo` first, or pass --repo)")
+    if args.kinds is None:  # qat_int8 needs a model trained with train.qat.enabled (bench_quantization.py)
+        with_qat = bool(json.loads((repo / "models/train/train.json").read_text()).get("qat"))
+        args.kinds = [kind for kind in KINDS if kind != "qat_int8" or with_qat]
     OUT.mkdir(exist_ok=True)
     ground_truth = json.loads((repo / "data/split/val/labels.json").read_text())
     images = repo / "data/images"

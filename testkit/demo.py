@@ -29,7 +29,7 @@ LARGE_CLASSES = ("car", "bus", "truck")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--dir", type=Path, default=ROOT / ".demo")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more -S overrides")
     args = parser.parse_args()
