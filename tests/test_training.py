@@ -125,8 +125,8 @@ def test_killed_training_resumes_from_last_epoch_then_reruns_only_qat(cached_rep
     assert json.loads((repo / "reports/train/metrics.json").read_text())["step"] == 2
 
     # The logged rate decays across the kill. Exact before it and at the floor; the resumed epoch is
-    # logged one optimizer step later than an uninterrupted run's (Keras' BackupAndRestore; see the
-    # determinism test for the exact curve without a kill).
+    # logged one optimizer step later than an uninterrupted run's (Keras' BackupAndRestore;
+    # test_learning_rate_decays_as_scheduled checks the exact curve without a kill).
     logged = logged_learning_rates(repo)
     expected = expected_learning_rates(repo, 3)
     assert logged[0] == pytest.approx(expected[0], rel=1e-5) and logged[2] == pytest.approx(expected[2], rel=1e-5)
