@@ -45,11 +45,11 @@ from mediapipe_model_maker.python.vision.object_detector.dataset import Dataset
 from mediapipe_model_maker.python.vision.object_detector.preprocessor import Preprocessor
 
 folder, cache, scratch = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-batch, passes, steps = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+batch, passes, steps, architecture = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
 tf.keras.utils.set_random_seed(42)
 tf.config.experimental.enable_op_determinism()  # as stages/train.py
 data = Dataset.from_cache(dataset_util.get_cache_files_coco(str(folder), str(cache)))
-spec = mm.model_spec("mobilenet_multi_avg", scratch / "init")
+spec = mm.model_spec(architecture, scratch / "init")
 preprocessor = Preprocessor(spec)
 result = {"cores": len(__import__("os").sched_getaffinity(0))}
 
@@ -72,7 +72,7 @@ result["pipeline_ours_decoded_in_ram"] = timed_passes(lambda: mm.training_datase
 
 mm.write_scratch_checkpoint(spec, len(data.label_names), 3e-5, scratch / "init")
 hparams = {"epochs": 1, "batch_size": batch, "learning_rate": 0.3}
-detector = mm.build_detector("mobilenet_multi_avg", scratch / "init", data.label_names, hparams, 3e-5, scratch)
+detector = mm.build_detector(architecture, scratch / "init", data.label_names, hparams, 3e-5, scratch)
 detector._optimizer = detector._create_optimizer(len(data) // batch)
 mm.create_model(detector, None)
 model = mm.keras_model(detector)
@@ -121,7 +121,7 @@ def run_round(cores: str, folder: Path, cache: Path, args: argparse.Namespace) -
     scratch = OUT / f"input-scratch-{cores.replace(',', '')}"
     command = [sys.executable, "-c", CHILD, str(folder), str(cache), str(scratch), str(args.batch), str(args.passes)]
     result = subprocess.run(
-        ["taskset", "-c", cores, *command, str(args.steps)],
+        ["taskset", "-c", cores, *command, str(args.steps), args.architecture],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=3, help="pipeline passes per process")
     parser.add_argument("--steps", type=int, default=20, help="timed train steps per measure")
     parser.add_argument("--runs", type=int, default=3, help="rounds (fresh processes per core count)")
+    parser.add_argument("--architecture", default="mobilenet_v2", help="train.architecture of the timed step")
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     folder = OUT / f"synth-{args.images}"
@@ -164,6 +165,7 @@ def main() -> None:
         "images": args.images,
         "mean_jpeg_kb": round(mean_jpeg_kb(folder), 1),
         "batch": args.batch,
+        "architecture": args.architecture,
         "runs": args.runs,
         "by_cores": table,
         "bound_here": "train step" if two["step"]["images_per_s"] < two["pipeline_ours"]["images_per_s"] else "input",
