@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trafficdet import modelmaker as mm
+import trafficdet.modelmaker as mm
 from trafficdet.architectures import IMAGENET, START_POINTS
 from trafficdet.distribute import (
     Distribution,
