@@ -1,9 +1,10 @@
 """QAT int8 vs post-training int8 vs float32 on the offline demo: AP through MediaPipe Tasks, file size.
 
 Runs the demo (`testkit.demo`) with `train.qat.enabled: true` (unless `--repo` names a demo
-repo that already trained with QAT), then in that repo one `dvc exp run` per
-`export.quantization` (float32, int8, qat_int8): only export and evaluate rerun, on the same
-trained model. AP does not depend on machine load; the seconds printed do.
+repo that already trained with QAT), then exports each `export.quantization` (float32, int8,
+qat_int8) of that one trained model with this checkout's export stage, in a scratch view
+of the repo (as bench_tflite.py does), and scores each file on the validation set through
+the app's detection. AP does not depend on machine load; the seconds printed do.
 Results: bench/out/quantization.json.
 """
 
@@ -14,12 +15,18 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from bench_tflite import export_view
 from common import OUT, machine
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stages.evaluate import coco_evaluate, tflite_detections  # noqa: E402
+
 KINDS = ("float32", "int8", "qat_int8")
 
 
@@ -44,19 +51,18 @@ def main() -> None:
     if not trained.get("qat"):
         sys.exit(f"{repo}: trained without QAT; run without --repo, or the demo with --set train.qat.enabled=true")
     results = {}
-    for kind in KINDS:
-        subprocess.run(["dvc", "exp", "run", f"-Sexport.quantization={kind}"], cwd=repo, env=env, check=True)
-        tflite = json.loads((repo / "reports/evaluate/coco.json").read_text())["tflite"]
-        size = json.loads((repo / "reports/export.json").read_text())["size_mb"]
-        latency = json.loads((repo / "reports/timing/export.json").read_text())["latency_ms"]
-        results[kind] = {
-            "AP": tflite["AP"],
-            "AP50": tflite["AP50"],
-            "AP75": tflite["AP75"],
-            "size_mb": size,
-            "latency_ms": latency,
-            "per_class_AP50": {name: values["AP50"] for name, values in tflite["per_class"].items()},
-        }
+    ground_truth = json.loads((repo / "data/split/val/labels.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="bench_quantization.") as scratch:
+        for kind in KINDS:
+            model = export_view(repo, Path(scratch), kind)
+            tflite = coco_evaluate(ground_truth, tflite_detections(model, ground_truth, repo / "data/images", 100))
+            results[kind] = {
+                "AP": round(tflite["overall"]["AP"], 4),
+                "AP50": round(tflite["overall"]["AP50"], 4),
+                "AP75": round(tflite["overall"]["AP75"], 4),
+                "size_mb": round(model.stat().st_size / 2**20, 2),
+                "per_class_AP50": {name: round(values["AP50"], 4) for name, values in tflite["per_class"].items()},
+            }
     report = {
         "machine": machine(),
         "repo": str(repo),
@@ -69,9 +75,9 @@ def main() -> None:
     }
     OUT.mkdir(exist_ok=True)
     (OUT / "quantization.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{'export':10s} {'AP':>6s} {'AP50':>6s} {'AP75':>6s} {'MB':>6s} {'ms':>6s}")
+    print(f"\n{'export':10s} {'AP':>6s} {'AP50':>6s} {'AP75':>6s} {'MB':>6s}")
     for kind, row in results.items():
-        print(f"{kind:10s} {row['AP']:6.3f} {row['AP50']:6.3f} {row['AP75']:6.3f} {row['size_mb']:6.2f} {row['latency_ms']:6.1f}")
+        print(f"{kind:10s} {row['AP']:6.3f} {row['AP50']:6.3f} {row['AP75']:6.3f} {row['size_mb']:6.2f}")
     print(f"QAT validation loss by epoch: {report['qat_val_loss']} (float model: {report['float_val_loss']:.3f})")
 
 

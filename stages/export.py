@@ -2,11 +2,12 @@
 
 Reads models/train (and data/cache/train for int8's representative set, data/split/val/labels.json
 and data/images/ for the latency run); writes
-    models/model.tflite    Model Maker's export: TFLite with metadata (labels, anchors, norms)
+    models/model.tflite    TFLite with MediaPipe metadata (labels, norms); the Keras model's own
+                           detection step (per-class NMS) inside (trafficdet/tflite_model.py)
     models/metadata.json   what the model is (architecture, labels, quantization, input size),
                            what the app must feed it ("input": trafficdet/app.py's contract)
                            and the TFLite metadata as JSON
-    models/labels.txt      one class name per line, in the model's output order
+    models/labels.txt      one class name per line, in the model's output order (no background)
     reports/export.json    the file's size in MB (a DVC metric: a `dvc exp show` column)
     reports/timing/export.json  median CPU latency of the app's detection, letterbox + MediaPipe
                            Tasks (a DVC metric too, but a measurement of this machine)
@@ -31,6 +32,7 @@ from trafficdet.io import read_json, remove_stale_temps, write_bytes, write_json
 from trafficdet.modelmaker import load_dataset, quiet_tensorflow, restore_detector, restore_qat_detector
 from trafficdet.params import ExportParams, load
 from trafficdet.paths import EXPORT_REPORT, EXPORT_TIMING, IMAGE_STORE, MODEL, MODEL_LABELS, MODEL_METADATA, TRAINED, split_labels
+from trafficdet.tflite_model import convert, with_metadata
 
 
 def shorten_lists(value: Any, limit: int = 100) -> Any:
@@ -43,10 +45,13 @@ def shorten_lists(value: Any, limit: int = 100) -> Any:
 
 
 def quantization_config(kind: str, representative_steps: int):
-    """Model Maker's post-training quantization config for ``kind`` (None: float32, or qat_int8, which
-    Model Maker exports as int8 with uint8 input and output because the model is a QAT one)."""
+    """Model Maker's quantization config for ``kind`` (None: float32). int8 and qat_int8 take uint8
+    frames, as Model Maker's own export; the QAT model carries its own ranges, so no representative set."""
+    import tensorflow as tf
     from mediapipe_model_maker.python.core.utils import quantization
 
+    if kind == "qat_int8":
+        return quantization.QuantizationConfig(inference_input_type=tf.uint8)
     if kind == "float16":
         return quantization.QuantizationConfig.for_float16()
     if kind == "dynamic":
@@ -110,8 +115,11 @@ def export(params: ExportParams, out_model: Path = MODEL) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="export.") as scratch:  # in data/.tmp/<pid>
         tmp = Path(scratch)
         detector = restore_qat_detector(TRAINED, tmp) if kind == "qat_int8" else restore_detector(TRAINED, tmp)
-        detector.export_model("model.tflite", quantization_config(kind, params.representative_steps))
-        tflite_metadata = shorten_lists(json.loads((tmp / "metadata.json").read_text()))
+        labels = summary["labels"][1:]  # the model's class outputs: background (id 0) is not one
+        converted = convert(detector, quantization_config(kind, params.representative_steps))
+        model, metadata_json = with_metadata(converted, detector, labels)
+        (tmp / "model.tflite").write_bytes(model)
+        tflite_metadata = shorten_lists(json.loads(metadata_json))
         names = sorted(image["file_name"] for image in read_json(split_labels("val"))["images"])
         images = [IMAGE_STORE / name for name in names[: params.latency_images]]
         latency = measure_latency(tmp / "model.tflite", images, params.latency_repeats)
@@ -123,7 +131,7 @@ def export(params: ExportParams, out_model: Path = MODEL) -> dict[str, Any]:
             "input_size": [arch.input_size, arch.input_size, 3],
             "input": INPUT_CONTRACT,  # what the app must do to a frame (trafficdet/app.py); expected AP: MODEL_CARD.md
             "quantization": kind,
-            "labels": summary["labels"],  # output order: index 0 is background
+            "labels": labels,  # the model's class output k is labels[k]
             "trained_epochs": summary["epochs"],
             "qat_epochs": len(summary["qat"]["history"]) if summary.get("qat") else 0,
             "init": summary["init"],
@@ -132,7 +140,7 @@ def export(params: ExportParams, out_model: Path = MODEL) -> dict[str, Any]:
         }
         write_bytes(out_model, pin_zip_times((tmp / "model.tflite").read_bytes()))
     write_json(MODEL_METADATA, metadata, indent=True)
-    write_bytes(MODEL_LABELS, ("\n".join(summary["labels"]) + "\n").encode())
+    write_bytes(MODEL_LABELS, ("\n".join(labels) + "\n").encode())
     # One number per file, so one column each in `dvc exp show`: the quantization is a param, and
     # models/metadata.json says it too.
     report = {"size_mb": round(size / 2**20, 3)}

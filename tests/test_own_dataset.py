@@ -70,7 +70,7 @@ def test_own_five_image_coco_folder_through_every_stage(tmp_path: Path) -> None:
     assert (split_report["train"]["images"], split_report["val"]["images"]) == (4, 1)  # round(5 x 0.2) = 1
     val = json.loads((repo / "data/split/val/labels.json").read_text())
     model = repo / "models/model.tflite"
-    assert tflite_labels(model) == ["background", *classes]
-    assert detect(model, repo / "data/images" / val["images"][0]["file_name"])  # loads and runs in MediaPipe Tasks
+    assert tflite_labels(model) == classes
+    detect(model, repo / "data/images" / val["images"][0]["file_name"])  # loads and runs in MediaPipe Tasks
     coco = json.loads((repo / "reports/evaluate/coco.json").read_text())
     assert set(coco["tflite"]["per_class"]) == set(classes) and -1 <= coco["tflite"]["AP"] <= 1

@@ -132,21 +132,27 @@ def test_killed_training_resumes_from_last_epoch_then_reruns_only_qat(cached_rep
     assert logged[0] == pytest.approx(expected[0], rel=1e-5) and logged[2] == pytest.approx(expected[2], rel=1e-5)
     assert logged[0] > logged[1] > logged[2]  # decays (cosine_decay_alpha: 1.0 would keep it flat)
 
-    # The QAT model exports to an int8-only file that MediaPipe Tasks loads (one QAT epoch is not
+    # The QAT model exports to a file whose network is int8 (the detection step after it stays
+    # float: NMS has no int8 kernel) and that MediaPipe Tasks loads (one QAT epoch is not
     # calibrated enough to detect anything: the learned model's test checks detections).
     set_param(repo, "export", "quantization", "qat_int8")
     run([sys.executable, "-m", "stages.export"], repo)
-    assert tensor_types(repo / "models/model.tflite") == {"int8", "int32", "uint8"}  # no float left
+    assert conv_weight_types(repo / "models/model.tflite") == {"int8"}
     assert json.loads((repo / "models/metadata.json").read_text())["qat_epochs"] == 1
     with AppDetector(repo / "models/model.tflite", max_results=5, score_threshold=0.0) as detector:
         val = json.loads((repo / "data/split/val/labels.json").read_text())
         detector.detect(read_frame(repo / "data/images" / val["images"][0]["file_name"]))  # loads and runs
 
 
-def tensor_types(model: Path) -> set[str]:
+def conv_weight_types(model: Path) -> set[str]:
+    """The types of every convolution's weights in a TFLite file (the network's bulk)."""
     import tensorflow as tf
 
-    return {detail["dtype"].__name__ for detail in tf.lite.Interpreter(model_path=str(model)).get_tensor_details()}
+    interpreter = tf.lite.Interpreter(model_path=str(model))
+    tensors = {detail["index"]: detail["dtype"].__name__ for detail in interpreter.get_tensor_details()}
+    convolutions = [op for op in interpreter._get_ops_details() if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    assert len(convolutions) > 50
+    return {tensors[op["inputs"][1]] for op in convolutions}
 
 
 # A run on the cached repo's 28 training images that learns enough to find a car in an image it
@@ -220,6 +226,42 @@ def test_exported_model_finds_a_known_object(learned_repo: Path, tiny_pipeline: 
         sizes[kind] = model.stat().st_size
         assert finds(model, image, label, box), f"{kind}: no {label} at score >= {SCORE_THRESHOLD} with IoU >= 0.5"
     assert sizes["float16"] < sizes["float32"] and sizes["int8"] < sizes["float16"] and sizes["dynamic"] < sizes["float16"]
+
+
+@pytest.mark.slow
+def test_tflite_returns_the_keras_detections_on_the_same_input(learned_repo: Path) -> None:
+    """The shipped file ends in the Keras model's own detection step: fed each validation image's
+    preprocessed tensor, it returns the Keras model's detections (class, score, box), none missing."""
+    code = """
+import numpy as np, tensorflow as tf
+from pathlib import Path
+from trafficdet.modelmaker import detector_spec, keras_model, load_dataset, preprocessor, quiet_tensorflow, restore_detector
+from trafficdet.paths import TRAINED
+from trafficdet.tflite_model import convert
+quiet_tensorflow()
+detector = restore_detector(TRAINED, Path("unused"))
+interpreter = tf.lite.Interpreter(model_content=convert(detector))
+interpreter.allocate_tensors()
+inputs, outputs = interpreter.get_input_details()[0]["index"], [o["index"] for o in interpreter.get_output_details()]
+model, side = keras_model(detector), detector_spec(detector).input_image_shape[0]
+total, worst_box, worst_score, mismatched = 0, 0.0, 0.0, 0
+for x, y in load_dataset("val").gen_tf_dataset(1, is_training=False, preprocess=preprocessor(detector)):
+    interpreter.set_tensor(inputs, x.numpy())
+    interpreter.invoke()
+    boxes, classes, scores, count = (interpreter.get_tensor(i) for i in outputs)
+    keras = model(x, anchor_boxes=y["anchor_boxes"], image_shape=tf.constant([[side, side]], tf.float32), training=False)
+    n = int(keras["num_detections"][0])
+    total += n
+    mismatched += int(count[0]) != n or not np.array_equal(classes[0, :n] + 1, keras["detection_classes"][0, :n].numpy())
+    worst_score = max(worst_score, float(np.abs(scores[0, :n] - keras["detection_scores"][0, :n].numpy()).max(initial=0)))
+    worst_box = max(worst_box, float(np.abs(boxes[0, :n] * side - keras["detection_boxes"][0, :n].numpy()).max(initial=0)))
+print("compared", total, mismatched, worst_score, worst_box)
+"""
+    printed = run([sys.executable, "-c", code], learned_repo).stdout
+    total, mismatched, worst_score, worst_box = printed.split("compared")[-1].split()
+    assert int(total) > 100  # a model that learned detects things (the untrained one: nothing above 0.05)
+    assert int(mismatched) == 0, f"{mismatched} validation images differ in count or classes"
+    assert float(worst_score) < 1e-4 and float(worst_box) < 0.01  # pixels of the model's input
 
 
 def test_imagenet_start_point_fills_every_backbone_variable_from_the_file(

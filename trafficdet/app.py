@@ -9,8 +9,8 @@ stretch of that square is then the letterbox the model was trained on, and since
 image sits at the origin its boxes come back in the frame's own pixels (clip them to
 the frame). Measured on the demo model: see docs/app.md.
 
-``background`` is one of the model's scored classes; Tasks keeps one class per anchor,
-so the app denies it (``category_denylist``) to get each anchor's best real class.
+The file ends in the Keras model's own detection step (trafficdet/tflite_model.py), so Tasks
+adds no post-processing of its own and no option is needed.
 
 Evaluation, export's latency run, the benchmarks and the tests all detect through
 ``AppDetector``, so the reported AP is the app's.
@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 PAD_VALUE = 128  # grey: the model's normalisation mean (127.5), what Model Maker's letterbox pads with
-CATEGORY_DENYLIST = ("background",)
 
 # What models/metadata.json tells the app developer (and the model card repeats).
 INPUT_CONTRACT = {
@@ -38,7 +37,7 @@ INPUT_CONTRACT = {
     ),
     "pad_value": [PAD_VALUE] * 3,
     "runtime": "MediaPipe Tasks ObjectDetector (mediapipe 0.10.21), running_mode IMAGE/VIDEO/LIVE_STREAM",
-    "options": {"category_denylist": list(CATEGORY_DENYLIST)},
+    "options": {},
     "boxes": "in the padded square's pixels, which are the frame's pixels: clip them to the frame (width x height)",
 }
 
@@ -64,16 +63,21 @@ def clip_box(x: float, y: float, w: float, h: float, width: int, height: int) ->
 
 
 def read_frame(path: Path) -> np.ndarray:
-    """An image file as an H x W x 3 uint8 RGB array, as a camera frame would arrive."""
-    from PIL import Image
+    """An image file as an H x W x 3 uint8 RGB array, as a camera frame would arrive.
 
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    Decoded by TensorFlow, as training and the Keras evaluation decode it: JPEG decoders differ
+    by a level here and there (TensorFlow's default DCT is the fast one, Pillow's the accurate
+    one), and that alone moved the demo model's AP by 0.012 (docs/app.md). A camera frame is
+    never a JPEG, so the evaluation feeds the app the pixels the model was measured on.
+    """
+    import tensorflow as tf
+
+    return tf.io.decode_image(Path(path).read_bytes(), channels=3, expand_animations=False).numpy()
 
 
 @dataclass(frozen=True)
 class Detection:
-    """One detection in frame pixels: its best non-background class and score, box as (x, y, w, h)."""
+    """One detection in frame pixels: class, score, box as (x, y, w, h)."""
 
     label: str
     score: float
@@ -91,7 +95,6 @@ class AppDetector:
             base_options=BaseOptions(model_asset_path=str(model)),
             max_results=max_results,
             score_threshold=score_threshold,
-            category_denylist=list(CATEGORY_DENYLIST),
         )
         self._detector: Any = ObjectDetector.create_from_options(options)
 

@@ -20,7 +20,7 @@ def render(metadata: dict[str, Any], keras: dict[str, Any], tflite: dict[str, An
     """The card as Markdown; ``keras`` / ``tflite`` are ``coco_evaluate`` results."""
     contract = metadata["input"]
     side = metadata["input_size"][0]
-    classes = [label for label in metadata["labels"] if label != "background"]
+    classes = metadata["labels"]
     lines = [
         f"# {metadata['name']}: model card",
         "",
@@ -29,10 +29,10 @@ def render(metadata: dict[str, Any], keras: dict[str, Any], tflite: dict[str, An
         "## The model",
         "",
         f"- File: models/model.tflite ({size_bytes / 2**20:.2f} MB), {metadata['quantization']}, "
-        f"TFLite with MediaPipe metadata (labels, anchors, normalisation)",
+        f"TFLite with MediaPipe metadata (labels, normalisation); its detection step (per-class NMS) is inside",
         f"- Architecture: {metadata['architecture']} SSD, input {side} x {side} RGB, start point: {metadata['init']}, "
         f"{metadata['trained_epochs']} epoch{'s' if metadata['trained_epochs'] != 1 else ''}",
-        f"- Classes ({len(classes)}): {', '.join(classes)} (output index 0 is `background`)",
+        f"- Classes ({len(classes)}): {', '.join(classes)} (class output k is the k-th, from 0)",
         "",
         "## What the app must feed it",
         "",
@@ -40,8 +40,8 @@ def render(metadata: dict[str, Any], keras: dict[str, Any], tflite: dict[str, An
         f"2. Pad it to a square of side max(W, H): the frame at the top-left corner, the rest filled with "
         f"RGB ({', '.join(str(v) for v in contract['pad_value'])}). Do not resize or centre it: MediaPipe Tasks "
         f"resizes the square to {side} x {side}, which reproduces the letterbox the model was trained on.",
-        f"3. Run it through MediaPipe Tasks' ObjectDetector with "
-        f"`category_denylist={contract['options']['category_denylist']}`; pick your own `score_threshold`.",
+        "3. Run it through MediaPipe Tasks' ObjectDetector; no option is needed (the model does its own NMS, "
+        "per class, as the Keras model does); pick your own `score_threshold`.",
         "4. Boxes come back in the square's pixels, which are the frame's pixels (the frame sits at the origin): "
         "clip them to W x H and drop any left empty.",
         "",

@@ -190,6 +190,16 @@ def keras_model(detector: Any) -> Any:
     return detector._model
 
 
+def retinanet(detector: Any) -> Any:
+    """tf-models' RetinaNetModel inside an ``ObjectDetector`` (its QAT rebuild after ``convert_to_qat``)."""
+    return detector._model._model
+
+
+def detector_spec(detector: Any) -> Any:
+    """The ``ModelSpec`` an ``ObjectDetector`` was built with (input shape, normalisation)."""
+    return detector._model_spec
+
+
 def preprocessor(detector: Any) -> Any:
     """The preprocessor Model Maker trains and evaluates with (letterbox to the model's size)."""
     return detector._preprocessor
