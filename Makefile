@@ -47,7 +47,7 @@ bench: $(DEV_STAMP)  ## run bench/ (results in bench/out/, figures in BENCHMARKS
 	$(BIN)/python bench/bench_tflite.py
 	$(BIN)/python bench/bench_quantization.py
 
-demo: $(STAMP)  ## the whole pipeline offline on synthetic street scenes (about 14 min)
+demo: $(STAMP)  ## the whole pipeline offline on synthetic street scenes (about 8 min on a quiet machine)
 	$(BIN)/python -m testkit.demo
 
 # The experiments of HEAD: each one's name, the params it changed and the headline metrics
