@@ -45,8 +45,9 @@ def shorten_lists(value: Any, limit: int = 100) -> Any:
 
 
 def quantization_config(kind: str, representative_steps: int):
-    """Model Maker's quantization config for ``kind`` (None: float32). int8 and qat_int8 take uint8
-    frames, as Model Maker's own export; the QAT model carries its own ranges, so no representative set."""
+    """Model Maker's quantization config for ``kind`` (None: float32). qat_int8 takes uint8 frames, as
+    Model Maker's own QAT export, and needs no representative set (the QAT model carries its ranges);
+    post-training int8 ends with float input (trafficdet.tflite_model.calibrated_int8)."""
     import tensorflow as tf
     from mediapipe_model_maker.python.core.utils import quantization
 
