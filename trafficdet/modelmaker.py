@@ -501,11 +501,8 @@ def write_coco_cache(folder: Path, cache_dir: Path, parallel: bool = True) -> tu
     ``parallel=False`` calls Model Maker's writer itself (the baseline the tests compare with).
     """
     import gc
-    import json
 
-    import tensorflow as tf
     from mediapipe_model_maker.python.vision.object_detector import dataset_util
-    from official.vision.data import tfrecord_lib
 
     files = dataset_util.get_cache_files_coco(str(folder), str(cache_dir))  # prefix: Model Maker's hash of the folder
     label_map = dataset_util.get_label_map_coco(str(folder))
@@ -517,68 +514,78 @@ def write_coco_cache(folder: Path, cache_dir: Path, parallel: bool = True) -> tu
     # writer's many small objects trigger would scan again; frozen, the collector skips it.
     gc.freeze()
     try:
-        with open(folder / "labels.json") as handle:  # the json module, as Model Maker: the same floats
-            coco = json.load(handle)
-        annotations: dict[Any, list[dict[str, Any]]] = {}
-        for annotation in coco["annotations"]:
-            annotations.setdefault(annotation["image_id"], []).append(annotation)
-        paths = [str(folder.resolve() / "images" / image["file_name"]) for image in coco["images"]]
-
-        def read_and_measure(path: Any) -> tuple[Any, Any, Any]:
-            encoded = tf.io.read_file(path)
-            checked = tf.io.decode_jpeg(encoded, channels=3, ratio=8)  # reads every byte; fails as a full decode would
-            # Returned, so tf.data cannot prune the check (a control dependency alone is optimised away).
-            return encoded, tf.image.extract_jpeg_shape(encoded)[:2], tf.shape(checked)[:2]
-
-        def unreadable(chunk: list[dict[str, Any]], err: Exception) -> tuple[dict[str, Any], Exception]:
-            """The first image of a failed batch that fails alone, and its error."""
-            for image in chunk:
-                try:
-                    read_and_measure(tf.constant(str(folder.resolve() / "images" / image["file_name"])))
-                except tf.errors.InvalidArgumentError as alone:
-                    return image, alone
-            return chunk[0], err
-
-        # One decoder per core this process may use, and no autotuning: tf.data's autotune thread
-        # took 0.6-1.1 s to wind down after the last image in about half the runs (bench/bench_cache.py).
-        options = tf.data.Options()
-        options.autotune.enabled = False
-        decoded = tf.data.Dataset.from_tensor_slices(paths or [""]).take(len(paths)).with_options(options)
-        decoded = decoded.map(read_and_measure, num_parallel_calls=len(os.sched_getaffinity(0)), deterministic=True)
-        decoded = decoded.batch(CACHE_BATCH).prefetch(2)  # batches: a twentieth of the Python round trips, 5% faster
-        writers = files.get_writers()
-        size = 0
-        try:
-            measured = decoded.as_numpy_iterator()
-            for first in range(0, len(coco["images"]), CACHE_BATCH):
-                chunk = coco["images"][first : first + CACHE_BATCH]
-                try:
-                    encoded_chunk, shapes, _ = next(measured)  # in order: these images
-                except tf.errors.InvalidArgumentError as err:
-                    image, err = unreadable(chunk, err)
-                    raise PipelineError(
-                        f"{folder / 'images' / image['file_name']}: not a readable JPEG ({tf_message(err)}); "
-                        "delete it and run the images stage again (dvc repro images)"
-                    ) from None
-                for image, encoded, shape in zip(chunk, encoded_chunk, shapes, strict=True):
-                    height, width = int(shape[0]), int(shape[1])
-                    boxes, _ = dataset_util._coco_annotations_to_lists(annotations.get(image["id"], []), height, width)
-                    if not boxes["xmin"]:
-                        continue  # as Model Maker: an image with no box left is not cached
-                    features = tfrecord_lib.image_info_to_feature_dict(
-                        height, width, image["file_name"], image["id"], encoded, "jpg"
-                    )
-                    features.update(dataset_util._bbox_data_to_feature_dict(boxes))
-                    example = tf.train.Example(features=tf.train.Features(feature=features))
-                    writers[size % len(writers)].write(example.SerializeToString())
-                    size += 1
-        finally:
-            for writer in writers:
-                writer.close()
-        files.save_metadata({"size": size, "label_map": label_map})
-        return files, size
+        return _write_cache_in_parallel(folder, files, label_map)
     finally:
         gc.unfreeze()
+
+
+def _write_cache_in_parallel(folder: Path, files: Any, label_map: dict[int, str]) -> tuple[Any, int]:
+    """``write_coco_cache``'s own writer: decodes on every core, writes Model Maker's bytes in order."""
+    import json
+
+    import tensorflow as tf
+    from mediapipe_model_maker.python.vision.object_detector import dataset_util
+    from official.vision.data import tfrecord_lib
+
+    with open(folder / "labels.json") as handle:  # the json module, as Model Maker: the same floats
+        coco = json.load(handle)
+    annotations: dict[Any, list[dict[str, Any]]] = {}
+    for annotation in coco["annotations"]:
+        annotations.setdefault(annotation["image_id"], []).append(annotation)
+    paths = [str(folder.resolve() / "images" / image["file_name"]) for image in coco["images"]]
+
+    def read_and_measure(path: Any) -> tuple[Any, Any, Any]:
+        encoded = tf.io.read_file(path)
+        checked = tf.io.decode_jpeg(encoded, channels=3, ratio=8)  # reads every byte; fails as a full decode would
+        # Returned, so tf.data cannot prune the check (a control dependency alone is optimised away).
+        return encoded, tf.image.extract_jpeg_shape(encoded)[:2], tf.shape(checked)[:2]
+
+    def unreadable(first: int, err: Exception) -> tuple[dict[str, Any], Exception]:
+        """The first image of the failed batch starting at ``first`` that fails alone, and its error."""
+        batch = slice(first, first + CACHE_BATCH)
+        for image, path in zip(coco["images"][batch], paths[batch], strict=True):
+            try:
+                read_and_measure(tf.constant(path))
+            except tf.errors.InvalidArgumentError as alone:
+                return image, alone
+        return coco["images"][first], err
+
+    # One decoder per core this process may use, and no autotuning: tf.data's autotune thread
+    # took 0.6-1.1 s to wind down after the last image in about half the runs (bench/bench_cache.py).
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    decoded = tf.data.Dataset.from_tensor_slices(paths or [""]).take(len(paths)).with_options(options)
+    decoded = decoded.map(read_and_measure, num_parallel_calls=len(os.sched_getaffinity(0)), deterministic=True)
+    decoded = decoded.batch(CACHE_BATCH).prefetch(2)  # batches: 1/32 of the Python round trips, 5% faster
+    writers = files.get_writers()
+    size = 0
+    try:
+        measured = decoded.as_numpy_iterator()
+        for first in range(0, len(coco["images"]), CACHE_BATCH):
+            try:
+                encoded_chunk, shapes, _ = next(measured)  # in order: these images
+            except tf.errors.InvalidArgumentError as err:
+                image, err = unreadable(first, err)
+                raise PipelineError(
+                    f"{folder / 'images' / image['file_name']}: not a readable JPEG ({tf_message(err)}); "
+                    "delete it and run the images stage again (dvc repro images)"
+                ) from None
+            chunk = coco["images"][first : first + CACHE_BATCH]
+            for image, encoded, shape in zip(chunk, encoded_chunk, shapes, strict=True):
+                height, width = int(shape[0]), int(shape[1])
+                boxes, _ = dataset_util._coco_annotations_to_lists(annotations.get(image["id"], []), height, width)
+                if not boxes["xmin"]:
+                    continue  # as Model Maker: an image with no box left is not cached
+                features = tfrecord_lib.image_info_to_feature_dict(height, width, image["file_name"], image["id"], encoded, "jpg")
+                features.update(dataset_util._bbox_data_to_feature_dict(boxes))
+                example = tf.train.Example(features=tf.train.Features(feature=features))
+                writers[size % len(writers)].write(example.SerializeToString())
+                size += 1
+    finally:
+        for writer in writers:
+            writer.close()
+    files.save_metadata({"size": size, "label_map": label_map})
+    return files, size
 
 
 def speed_settings(detector: Any) -> dict[str, Any]:
