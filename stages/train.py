@@ -43,7 +43,8 @@ from trafficdet.imagenet import copy_into_backbone
 from trafficdet.io import atomic_dir, read_json, write_json
 from trafficdet.params import TrainParams, load
 from trafficdet.paths import PRETRAINED, TRAIN_LIVE, TRAIN_STATE, TRAIN_TIMING, TRAINED
-from trafficdet.resume import fingerprint, keep_float_phase, mark_complete, prepare_state
+from trafficdet.resume import keep_float_phase, mark_complete, owner, prepare_state
+from trafficdet.resume_remote import ResumeRemote, make_push_callback, push_or_warn
 
 
 def validate(params: TrainParams, train_size: int, val_size: int) -> Distribution:
@@ -121,6 +122,9 @@ def train(params: TrainParams) -> dict[str, Any]:
     warning = leakage_warning(params, val_info)
     if warning and plan.chief:
         print(warning, flush=True)
+    remote = ResumeRemote(params.resume_remote) if params.resume_remote else None
+    if remote and plan.chief:
+        remote.check_writable()  # bad credentials or an unmounted drive: now, not after the first epoch
     mm.quiet_tensorflow()
     import tensorflow as tf
 
@@ -141,10 +145,12 @@ def train(params: TrainParams) -> dict[str, Any]:
         else (scratch / "train", scratch / "state", scratch / "live", scratch / "timing")
     )
     try:
-        state_id = fingerprint(params.model_dump(), [mm.cache_record(side) for side in ("train", "val")])
-        marker, float_done = prepare_state(state_id, scratch, state_dir)
+        current = owner(params, [mm.cache_record(side) for side in ("train", "val")])
+        marker, float_done = prepare_state(current, scratch, state_dir, remote)
+        pusher = remote if scratch is None else None  # only the chief copies its state out
+        epochs_done = restored_epochs(state_dir / "backup")
         if plan.workers > 1:
-            check_same_start(strategy, restored_epochs(state_dir / "backup"))
+            check_same_start(strategy, epochs_done)
 
         # Data.
         train_data, val_data = mm.load_dataset("train"), mm.load_dataset("val")
@@ -174,7 +180,8 @@ def train(params: TrainParams) -> dict[str, Any]:
             history = make_history_callback(
                 live_dir, timing_dir, state_dir / "history.json", train_info["size"], params.epochs, params.batch_size
             )
-            mm.set_callbacks(detector, [history, tf.keras.callbacks.BackupAndRestore(str(state_dir / "backup"))])
+            callbacks = [history, tf.keras.callbacks.BackupAndRestore(str(state_dir / "backup"))]
+            mm.set_callbacks(detector, callbacks + ([make_push_callback(pusher, state_dir)] if pusher else []))
 
             # Loop: the float phase (unless a killed run finished it), then quantization-aware training.
             started = time.perf_counter()
@@ -186,12 +193,14 @@ def train(params: TrainParams) -> dict[str, Any]:
                 mm.restore_trained_float(detector, train_data, out / "float_ckpt", params.bn_momentum, params.jit_compile)
             else:
                 mm.create_and_train(  # writes out/float_ckpt
-                    detector, train_data, val_data, params.bn_momentum, params.mixed_precision, params.jit_compile
+                    detector, train_data, val_data, params.bn_momentum, params.mixed_precision, params.jit_compile, epochs_done
                 )
             qat_log = None
             if params.qat.enabled:
                 if not float_done:
-                    keep_float_phase(out, marker, state_id)
+                    keep_float_phase(out, marker)
+                    if pusher:
+                        push_or_warn(pusher, TRAIN_STATE, params.epochs)
                 tf.keras.utils.set_random_seed(params.seed)  # the same QAT after a kill as in one go
                 qat_log = mm.quantization_aware_training(
                     detector,
@@ -232,7 +241,9 @@ def train(params: TrainParams) -> dict[str, Any]:
             final = {key: value for key, value in summary["final"].items() if key not in ("seconds", "train_images_per_s")}
             write_json(out / "train.json", {**summary, "final": final}, indent=True)  # measurements stay out
         if scratch is None:
-            mark_complete(marker, state_id)
+            mark_complete(marker)
+            if pusher:
+                push_or_warn(pusher, TRAIN_STATE, params.epochs)  # a finished run: the next one may replace it
         return {**summary, "seconds": round(time.perf_counter() - started, 1)}
     finally:
         if scratch is not None:

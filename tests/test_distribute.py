@@ -391,7 +391,7 @@ def test_workers_that_would_resume_differently_stop_with_one_line(
     """The chief has a backup after epoch 1, the other worker (own copy) none: both stop before training, clearly."""
     from trafficdet.modelmaker import cache_record
     from trafficdet.params import load
-    from trafficdet.resume import fingerprint
+    from trafficdet.resume import fingerprint, owner
 
     repos = [copy_of(cached_repo, tmp_path / f"worker{index}") for index in range(2)]
     for repo in repos:
@@ -400,7 +400,7 @@ def test_workers_that_would_resume_differently_stop_with_one_line(
     chief = repos[0]
     monkeypatch.chdir(chief)
     cached = [cache_record(side) for side in ("train", "val")]
-    state = {"fingerprint": fingerprint(load(TrainParams).model_dump(), cached), "complete": False}
+    state = {"fingerprint": fingerprint(owner(load(TrainParams), cached)), "complete": False}
     (chief / "models/train_state/backup/chief").mkdir(parents=True)
     (chief / "models/train_state/state.json").write_text(json.dumps(state))
     (chief / "models/train_state/backup/chief/checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')

@@ -145,3 +145,23 @@ def test_the_command_line_shows_one_line_and_no_traceback(
     assert result.stderr.startswith(f"error: {expected}"), result.stderr
     assert [p.name for p in (repo / "data").iterdir()] == ["own"]  # nothing written
     assert not (repo / "models").exists() and not (repo / "reports").exists()
+
+
+# Keys that change how a stage runs, not what it writes: deliberately left out of dvc.yaml's params.
+NOT_DECLARED = {
+    "download": {"image_workers", "retries", "backoff_s", "timeout_s", "min_kbytes_per_s"},
+    "train": {"resume_remote"},
+}
+
+
+def test_every_param_is_declared_in_dvc_yaml_or_named_as_changing_no_output() -> None:
+    """A new key must be declared (or added to NOT_DECLARED on purpose), never silently left out of dvc.yaml."""
+    declared: dict[str, set[str]] = {name: set() for name in MODELS}
+    for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values():
+        for entry in stage.get("params", []):
+            section, _, key = entry.partition(".")
+            declared[section] |= {key.split(".")[0]} if key else set(MODELS[section].model_fields)
+    for name, model in MODELS.items():
+        left_out = NOT_DECLARED.get(name, set())
+        assert declared[name] & left_out == set(), f"{name}: declared although named as changing no output"
+        assert declared[name] | left_out == set(model.model_fields), f"{name}: undeclared keys"

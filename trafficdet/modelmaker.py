@@ -340,9 +340,11 @@ def create_and_train(
     bn_momentum: float | None,
     mixed_precision: str = "off",
     jit_compile: bool = False,
+    epochs_done: int = 0,
 ) -> None:
     """Model Maker's ``_create_and_train_model``, in the strategy's scope, with an optional BatchNorm momentum,
     mixed precision, XLA, and the training input preprocessed on every core (``parallel_preprocessing``).
+    ``epochs_done``: the epochs Keras' BackupAndRestore restores (the run resumes after them).
 
     From scratch, the default momentum (0.99) leaves the moving statistics far behind
     the quickly changing weights: measured on 239 synthetic images after 6 epochs, the
@@ -359,7 +361,7 @@ def create_and_train(
             model_util.get_steps_per_epoch(steps_per_epoch=None, batch_size=detector._hparams.batch_size, train_data=train_data)
         )
         create_model(detector, bn_momentum, replicas, mixed_precision, jit_compile)
-        parallel_preprocessing(train_data, detector._preprocessor)
+        parallel_preprocessing(train_data, detector._preprocessor, epochs_done)
         detector._train_model(train_data, val_data, preprocessor=detector._preprocessor)
     detector._save_float_ckpt()  # on every worker: saving reduces BatchNorm's moving statistics over all replicas
 
@@ -466,9 +468,25 @@ def training_dataset(data: Any, preprocessor: Any, batch_size: int, shuffle: boo
     return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
-def parallel_preprocessing(data: Any, preprocessor: Any) -> None:
-    """Make Model Maker's training input for ``data`` come from ``training_dataset`` (same elements, all cores)."""
+def skip_shuffles(dataset: Any, epochs: int) -> Any:
+    """Advance ``dataset``'s shuffle past ``epochs`` epochs, so that a resumed ``fit()`` trains epoch e on
+    the order an uninterrupted run gives epoch e (the same weights, byte for byte).
+
+    Each new iterator of a shuffled dataset draws the next order from the shuffle's seed
+    generator, and Keras makes one per epoch: a resumed process would otherwise give its first
+    epoch the order of epoch 1. Making an iterator draws the order without reading an element
+    (the augmentation draws repeat each epoch, they need no advancing).
+    """
+    for _ in range(epochs):
+        iter(dataset)
+    return dataset
+
+
+def parallel_preprocessing(data: Any, preprocessor: Any, epochs_done: int = 0) -> None:
+    """Make Model Maker's training input for ``data`` come from ``training_dataset`` (same elements, all cores);
+    the first one made skips the shuffles of ``epochs_done`` epochs (``skip_shuffles``)."""
     model_maker = data.gen_tf_dataset
+    skip = [epochs_done]  # the float phase's fit() only: QAT's starts afresh
 
     def gen_tf_dataset(
         batch_size: int = 1,
@@ -478,7 +496,8 @@ def parallel_preprocessing(data: Any, preprocessor: Any) -> None:
         drop_remainder: bool = False,
     ) -> Any:
         if is_training and preprocess is preprocessor:
-            return training_dataset(data, preprocessor, batch_size, shuffle, drop_remainder)
+            dataset = training_dataset(data, preprocessor, batch_size, shuffle, drop_remainder)
+            return skip_shuffles(dataset, skip.pop()) if skip else dataset
         return model_maker(batch_size, is_training, shuffle, preprocess, drop_remainder)
 
     data.gen_tf_dataset = gen_tf_dataset

@@ -126,6 +126,13 @@ class TrainParams(Section):
     qat: QatParams
     mixed_precision: Literal["off", "float16", "bfloat16"]
     jit_compile: bool
+    resume_remote: Annotated[
+        str,
+        Field(
+            pattern=r"^(|/\S.*|[A-Za-z][A-Za-z0-9+.-]*://\S+)$",
+            description="'' (off), an absolute folder path or a URL such as s3://bucket/prefix",
+        ),
+    ]
 
     @field_validator("distribution_strategy", "mixed_precision", mode="before")
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
+PIPELINE = Path("dvc.yaml")
 
 # Not DVC outputs: `dvc repro` deletes outputs before a stage runs, and these must survive it.
 DOWNLOADS = Path("data/.downloads")  # archives and partial downloads, so a killed download resumes
