@@ -12,14 +12,20 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 import yaml
 
+from testkit.fixture_server import FixtureServer
 from testkit.keras_weights import KERAS_WEIGHTS_PATH
+from testkit.object_store import ACCESS_KEY, SECRET_KEY, ObjectStore
+from testkit.repo_copy import commit_all
 from tests.conftest import PipelineRun, run, stage_env
 from tests.test_pipeline import set_param
+from tests.test_remote import fresh_clone
 from trafficdet.app import AppDetector, Detection, read_frame
 
 
@@ -54,19 +60,31 @@ def checkpoint_values(prefix: Path) -> dict[str, np.ndarray]:
 QAT_TINY = {"enabled": True, "epochs": 1, "learning_rate": 0.3, "batch_size": 4}
 
 
-def start_and_kill(repo: Path, ready: Callable[[], bool], after_s: float) -> str:
-    """Run ``dvc repro train`` until ``ready()``, ``after_s`` more seconds, then SIGKILL it; return what it printed."""
+def start_repro(repo: Path, **env: str) -> tuple[subprocess.Popen, Path]:
+    """Start ``dvc repro train`` in its own process group, printing to a log beside the repo."""
     log = repo.parent / f"repro-{time.monotonic_ns()}.log"
     with open(log, "w") as out:
         child = subprocess.Popen(
-            ["dvc", "repro", "train"], cwd=repo, env=stage_env(), start_new_session=True, stdout=out, stderr=subprocess.STDOUT
+            ["dvc", "repro", "train"], cwd=repo, env=stage_env(**env), start_new_session=True, stdout=out, stderr=out
         )
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and child.poll() is None and not ready():
-            time.sleep(0.05)
-        time.sleep(after_s)
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
+    return child, log
+
+
+def wait_until(child: subprocess.Popen, ready: Callable[[], bool], log: Path) -> None:
+    deadline = time.monotonic() + 600
+    while not ready():
+        assert child.poll() is None, f"the run ended before the awaited moment:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()}"
+        time.sleep(0.05)
+
+
+def start_and_kill(repo: Path, ready: Callable[[], bool], after_s: float = 0.0, **env: str) -> str:
+    """Run ``dvc repro train`` until ``ready()``, ``after_s`` more seconds, then SIGKILL it; return what it printed."""
+    child, log = start_repro(repo, **env)
+    wait_until(child, ready, log)
+    time.sleep(after_s)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
     return log.read_text()
 
 
@@ -89,59 +107,107 @@ def expected_learning_rates(repo: Path, epochs: int) -> list[float]:
     return rates
 
 
+def copy_tree(fs: Any, source: str, dest: str) -> None:
+    """Copy every object under ``source`` to ``dest`` (replacing what is there), on the store."""
+    if fs.exists(dest):
+        fs.rm(dest, recursive=True)
+    for path in fs.find(source):
+        fs.copy(path, dest + path[len(source) :])
+    fs.invalidate_cache()
+
+
 @pytest.mark.slow
-def test_killed_training_resumes_from_last_epoch_then_reruns_only_qat(cached_repo: Path, tmp_path: Path) -> None:
-    repo = copy_of(cached_repo, tmp_path / "repo")
-    set_param(repo, "train", "epochs", 3)
-    set_param(repo, "train", "qat", QAT_TINY)
-    history = repo / "models/train_state/history.json"
-    backup = repo / "models/train_state/backup"
-    marker = repo / "models/train_state/state.json"
+def test_killed_training_resumes_from_last_epoch_then_reruns_only_qat(
+    cached_repo: Path, object_store: ObjectStore, fixture_tree, tmp_path: Path
+) -> None:
+    """One sequence, the state copied to the S3 store (train.resume_remote) after every epoch:
 
-    def epoch_one_backed_up() -> bool:  # epoch 1 logged and backed up
-        done = json.loads(history.read_text()) if history.exists() else []
-        return len(done) == 1 and (backup / "chief" / "checkpoint").exists()
+    1. first machine: a committed repo trains 2 float epochs + 1 QAT epoch. Right after its epoch-1
+       copy reaches the store it is frozen (SIGSTOP) and the store's content saved: what losing the
+       machine at that moment leaves. It then goes on, its float phase uninterrupted (the comparison),
+       and is killed as QAT starts.
+    2. second machine: a fresh clone of the same commit, empty work tree, the store as saved:
+       `dvc repro` runs the data stages, restores the state from the store and trains epoch 2 only;
+       its float checkpoint is byte for byte the uninterrupted one. Killed as QAT starts.
+    3. `dvc repro` again there: the float phase is kept (local state), only QAT runs.
+    """
+    import fsspec
 
-    start_and_kill(repo, epoch_one_backed_up, 0.5)  # into epoch 2 (an epoch takes several seconds here)
-    assert len(json.loads(history.read_text())) == 1, "the kill should land during epoch 2"
-    assert not (repo / "models/train/train.json").exists()
+    endpoint = {"AWS_ENDPOINT_URL": object_store.endpoint}  # the store's keys: stage_env, as a user exports them
+    root = f"{object_store.bucket}/resume-{time.monotonic_ns()}"
+    url, lost = f"s3://{root}/state", f"{root}/lost-after-epoch-1"
+    root = f"{root}/state"
+    fs = fsspec.filesystem(
+        "s3", key=ACCESS_KEY, secret=SECRET_KEY, client_kwargs={"endpoint_url": object_store.endpoint}, skip_instance_cache=True
+    )
+    pointer = f"{root}/LATEST.json"
 
-    # Resumed: the float phase finishes, then a kill lands in QAT (tracing it alone takes many seconds).
-    printed = start_and_kill(repo, lambda: marker.exists() and json.loads(marker.read_text()).get("float_done"), 3)
-    assert "resuming after epoch 1" in printed
-    assert not (repo / "models/train/train.json").exists()
-    assert (repo / "models/train_state/float_ckpt.index").exists()
+    def copied_epochs() -> int:
+        fs.invalidate_cache()
+        return json.loads(fs.cat_file(pointer))["epochs"] if fs.exists(pointer) else 0
 
-    finished = run(["dvc", "repro", "train"], repo)
+    first = copy_of(cached_repo, tmp_path / "first")
+    set_param(first, "train", "epochs", 2)
+    set_param(first, "train", "qat", QAT_TINY)
+    set_param(first, "train", "resume_remote", url)
+    commit_all(first, "2 float epochs + 1 QAT epoch, resume state on the S3 store")
+
+    def float_done(repo: Path) -> Callable[[], bool]:
+        marker = repo / "models/train_state/state.json"
+        return lambda: marker.exists() and bool(json.loads(marker.read_text()).get("float_done"))
+
+    child, log = start_repro(first, **endpoint)
+    wait_until(child, lambda: copied_epochs() == 1, log)
+    os.killpg(child.pid, signal.SIGSTOP)
+    try:
+        copy_tree(fs, root, lost)
+    finally:
+        os.killpg(child.pid, signal.SIGCONT)
+    wait_until(child, float_done(first), log)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    uninterrupted = {p.name: p.read_bytes() for p in (first / "models/train_state").glob("float_ckpt.*")}
+    assert len(uninterrupted) == 2 and "Epoch 2/2" in log.read_text()
+    copy_tree(fs, lost, root)  # the store as the lost machine left it
+
+    second = fresh_clone(first, tmp_path / "second")
+    mirror = yaml.safe_load((second / "params.yaml").read_text())["download"]["mirror"]
+    with FixtureServer(fixture_tree[0], port=urlsplit(mirror).port):  # the data stages' URLs, as committed
+        printed = start_and_kill(second, float_done(second), **endpoint)
+    assert f"train: restored the state after epoch 1 from {url}" in printed
+    assert "resuming after epoch 1" in printed and "Epoch 2/2" in printed
+    assert "Epoch 1/2" not in printed  # epochs redone after the loss: 0
+    state = second / "models/train_state"
+    assert {p.name: p.read_bytes() for p in state.glob("float_ckpt.*")} == uninterrupted  # the same weights
+    assert not (second / "models/train/train.json").exists()
+
+    finished = run(["dvc", "repro", "train"], second, **endpoint)
     assert "the float phase finished before the run stopped" in finished.stdout
-    assert "Epoch 1/3" not in finished.stdout  # no float epoch ran again
-    summary = json.loads((repo / "models/train/train.json").read_text())
-    assert summary["epochs"] == 3 and len(summary["qat"]["history"]) == 1
-    assert (repo / "models/train/qat_ckpt.index").exists()
-    assert sorted(p.name for p in (repo / "models/train_state").iterdir()) == ["state.json"]  # kept state gone
+    assert "Epoch 1/2" not in finished.stdout and "Epoch 2/2" not in finished.stdout  # no float epoch ran again
+    summary = json.loads((second / "models/train/train.json").read_text())
+    assert summary["epochs"] == 2 and len(summary["qat"]["history"]) == 1
+    assert (second / "models/train/qat_ckpt.index").exists()
+    assert sorted(p.name for p in state.iterdir()) == ["state.json"]  # kept state gone
+    assert json.loads(fs.cat_file(pointer))["complete"] is True  # the store says so too: a next run may replace it
     for series in ("train/total_loss", "val/total_loss", "learning_rate"):
-        rows = (repo / f"reports/train/plots/metrics/{series}.tsv").read_text().splitlines()[1:]
-        assert [row.split("\t")[0] for row in rows] == ["0", "1", "2"], series  # each epoch once
-    assert json.loads((repo / "reports/train/metrics.json").read_text())["step"] == 2
-
-    # The logged rate decays across the kill. Exact before it and at the floor; the resumed epoch is
-    # logged one optimizer step later than an uninterrupted run's (Keras' BackupAndRestore;
-    # test_learning_rate_decays_as_scheduled checks the exact curve without a kill).
-    logged = logged_learning_rates(repo)
-    expected = expected_learning_rates(repo, 3)
-    assert logged[0] == pytest.approx(expected[0], rel=1e-5) and logged[2] == pytest.approx(expected[2], rel=1e-5)
-    assert logged[0] > logged[1] > logged[2]  # decays (cosine_decay_alpha: 1.0 would keep it flat)
+        rows = (second / f"reports/train/plots/metrics/{series}.tsv").read_text().splitlines()[1:]
+        assert [row.split("\t")[0] for row in rows] == ["0", "1"], series  # each epoch once
+    assert json.loads((second / "reports/train/metrics.json").read_text())["step"] == 1
+    # The logged rate across the loss is the schedule's, epoch for epoch (the resumed run's optimizer
+    # step count is restored with the weights).
+    logged = logged_learning_rates(second)
+    assert logged == pytest.approx(expected_learning_rates(second, 2), rel=1e-5) and logged[0] > logged[1]
 
     # The QAT model exports to a file whose network is int8 (the detection step after it stays
     # float: NMS has no int8 kernel) and that MediaPipe Tasks loads (one QAT epoch is not
     # calibrated enough to detect anything: the learned model's test checks detections).
-    set_param(repo, "export", "quantization", "qat_int8")
-    run([sys.executable, "-m", "stages.export"], repo)
-    assert conv_weight_types(repo / "models/model.tflite") == {"int8"}
-    assert json.loads((repo / "models/metadata.json").read_text())["qat_epochs"] == 1
-    with AppDetector(repo / "models/model.tflite", max_results=5, score_threshold=0.0) as detector:
-        val = json.loads((repo / "data/split/val/labels.json").read_text())
-        detector.detect(read_frame(repo / "data/images" / val["images"][0]["file_name"]))  # loads and runs
+    set_param(second, "export", "quantization", "qat_int8")
+    run([sys.executable, "-m", "stages.export"], second)
+    assert conv_weight_types(second / "models/model.tflite") == {"int8"}
+    assert json.loads((second / "models/metadata.json").read_text())["qat_epochs"] == 1
+    with AppDetector(second / "models/model.tflite", max_results=5, score_threshold=0.0) as detector:
+        val = json.loads((second / "data/split/val/labels.json").read_text())
+        detector.detect(read_frame(second / "data/images" / val["images"][0]["file_name"]))  # loads and runs
 
 
 def conv_weight_types(model: Path) -> set[str]:
