@@ -117,7 +117,7 @@ class ResumeRemote:
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
             self.fs.put_file(str(path), target)
         snapshot = {"snapshot": name, "epochs": epochs, "files": {relative: sha256(p) for relative, p in files.items()}}
-        if previous and previous.get("fingerprint") == marker.get("fingerprint"):
+        if previous and previous.get("fingerprint") == marker.get("fingerprint") and not marker.get("complete"):
             snapshot["previous"] = {key: previous[key] for key in ("snapshot", "epochs", "files") if key in previous}
         data = json.dumps({**marker, **snapshot}, indent=2).encode()
         if self.local:
