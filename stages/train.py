@@ -8,7 +8,8 @@ ImageNet MobileNetV2 for the backbone, or nothing for a seeded scratch initialis
     models/train_state/     persist: the last finished epoch (Keras BackupAndRestore) and the
                             logged history, so a killed run continues where it stopped; once
                             the float phase is done, its checkpoint (a kill during QAT reruns
-                            only the QAT phase)
+                            only the QAT phase); with train.resume_remote also copied to durable
+                            storage after every epoch, and restored from there into a fresh clone
     reports/train/          dvclive: per-epoch train/val losses and learning rate
     reports/timing/train/   dvclive: per-epoch seconds and training images/s (measurements)
 
