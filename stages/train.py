@@ -44,7 +44,7 @@ from trafficdet.imagenet import copy_into_backbone
 from trafficdet.io import atomic_dir, read_json, write_json
 from trafficdet.params import TrainParams, load
 from trafficdet.paths import PRETRAINED, TRAIN_LIVE, TRAIN_STATE, TRAIN_TIMING, TRAINED
-from trafficdet.resume import keep_float_phase, mark_complete, owner, prepare_state
+from trafficdet.resume import check_remote, fingerprint, keep_float_phase, mark_complete, owner, prepare_state
 from trafficdet.resume_remote import ResumeRemote, make_push_callback, push_or_warn
 
 
@@ -123,9 +123,11 @@ def train(params: TrainParams) -> dict[str, Any]:
     warning = leakage_warning(params, val_info)
     if warning and plan.chief:
         print(warning, flush=True)
+    current = owner(params, [train_info, val_info])
     remote = ResumeRemote(params.resume_remote) if params.resume_remote else None
-    if remote and plan.chief:
-        remote.check_writable()  # bad credentials or an unmounted drive: now, not after the first epoch
+    if remote and plan.chief:  # bad credentials, an unmounted drive, another run's state: before TensorFlow starts
+        remote.check_writable()
+        check_remote(remote, fingerprint(current), current)
     mm.quiet_tensorflow()
     import tensorflow as tf
 
@@ -146,7 +148,6 @@ def train(params: TrainParams) -> dict[str, Any]:
         else (scratch / "train", scratch / "state", scratch / "live", scratch / "timing")
     )
     try:
-        current = owner(params, [mm.cache_record(side) for side in ("train", "val")])
         marker, float_done = prepare_state(current, scratch, state_dir, remote)
         pusher = remote if scratch is None else None  # only the chief copies its state out
         epochs_done = restored_epochs(state_dir / "backup")
