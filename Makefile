@@ -63,7 +63,7 @@ compare: $(STAMP)  ## dvc exp show: experiments, changed params, headline metric
 MODEL ?= models/model.tflite
 SCORE ?= 0.25
 predict: $(STAMP)  ## make predict SOURCE=photo.jpg|folder/|clip.mp4 [MODEL=...] [SCORE=0.25]: boxes drawn, runs/predict/<n>/
-	$(BIN)/python -m ops.predict "$(SOURCE)" --model "$(MODEL)" --score "$(SCORE)"
+	@$(BIN)/python -m ops.predict "$(SOURCE)" --model "$(MODEL)" --score "$(SCORE)"
 
 push: $(STAMP)  ## check the DVC remote, then dvc push
 	$(BIN)/python -m ops.remote check && dvc push

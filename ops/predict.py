@@ -120,6 +120,16 @@ def records(found: list[Any], labels: list[str], image_id: int, file_name: str, 
     ]
 
 
+def detector(model: Path, score: float, video: bool = False) -> Any:
+    """The app's detector on ``model``; one line if MediaPipe's ObjectDetector refuses the file."""
+    from trafficdet.app import AppDetector
+
+    try:
+        return AppDetector(model, max_results=MAX_RESULTS, score_threshold=score, video=video)
+    except (RuntimeError, ValueError) as err:  # e.g. a classifier's file: metadata, but not a detector's
+        raise PipelineError(f"{model}: MediaPipe's ObjectDetector cannot run it ({err})") from None
+
+
 def progress(items: Any, total: int | None, unit: str) -> Any:
     from tqdm import tqdm
 
@@ -129,13 +139,13 @@ def progress(items: Any, total: int | None, unit: str) -> Any:
 def predict_images(images: list[Path], model: Path, labels: list[str], score: float, out: Path) -> tuple[list[dict], str]:
     from PIL import Image
 
-    from trafficdet.app import AppDetector, read_frame
+    from trafficdet.app import read_frame
 
     results = []
-    with AppDetector(model, max_results=MAX_RESULTS, score_threshold=score) as detector:
+    with detector(model, score) as app:
         for image_id, path in enumerate(progress(images, len(images), "image")):
             frame = read_frame(path, upright=True)
-            found = detector.detect(frame)
+            found = app.detect(frame)
             name = path.name if path.suffix.lower() in KEPT_FORMATS else path.name + ".png"
             Image.fromarray(annotate(frame, found, labels)).save(out / name, quality=95)
             results += records(found, labels, image_id, path.name)
@@ -165,8 +175,6 @@ def open_video(clip: Path) -> Any:
 def predict_video(clip: Path, model: Path, labels: list[str], score: float, out: Path) -> tuple[list[dict], str]:
     import cv2
 
-    from trafficdet.app import AppDetector
-
     capture = open_video(clip)
     fps = capture.get(cv2.CAP_PROP_FPS)
     fps = fps if fps and 0 < fps < 1000 else 30.0  # a header without a rate: assume a camera's
@@ -174,11 +182,11 @@ def predict_video(clip: Path, model: Path, labels: list[str], score: float, out:
     results: list[dict] = []
     writer, index, last_ms = None, -1, -1
     try:
-        with AppDetector(model, max_results=MAX_RESULTS, score_threshold=score, video=True) as detector:
+        with detector(model, score, video=True) as app:
             for index, frame in enumerate(progress(video_frames(capture), announced, "frame")):
                 timestamp_ms = max(round(index * 1000 / fps), last_ms + 1)  # VIDEO mode needs them to grow
                 last_ms = timestamp_ms
-                found = detector.detect_video_frame(frame, timestamp_ms)
+                found = app.detect_video_frame(frame, timestamp_ms)
                 if writer is None:
                     height, width = frame.shape[:2]
                     writer = cv2.VideoWriter(str(out / f"{clip.stem}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))

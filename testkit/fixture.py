@@ -444,15 +444,19 @@ def download_params(base_url: str, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path)
+    parser.add_argument("root", type=Path, nargs="?", help="where to write the source tree (optional with --video)")
     parser.add_argument("--images", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, nargs=2, default=(320, 240), metavar=("W", "H"))
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="where fixture_server will serve it")
-    parser.add_argument("--video", type=Path, metavar="FILE", help="also write a short clip of a synthetic street (.mp4, .avi)")
+    parser.add_argument("--video", type=Path, metavar="FILE", help="write a short clip of a synthetic street (.mp4, .avi)")
     args = parser.parse_args()
     if args.video:
         print(f"wrote {write_video(args.video, seed=args.seed, width=args.size[0], height=args.size[1])}")
+    if args.root is None:
+        if not args.video:
+            parser.error("give the folder to write the source tree to (or --video FILE)")
+        return
     manifest = generate(args.root, images=args.images, seed=args.seed, width=args.size[0], height=args.size[1])
     print(f"wrote {manifest['images']} images, {manifest['annotations']} annotations to {args.root}")
     flags = " ".join(f"-S download.{key}={value}" for key, value in download_params(args.url, manifest).items())
