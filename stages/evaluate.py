@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,8 @@ def evaluate(params: EvaluateParams) -> dict[str, dict[str, Any]]:
     matrix = confusion.confusion_matrix(ground_truth, tflite_dets, threshold, CONFUSION_IOU)
     confusions = confusion.record(labels, matrix, threshold, CONFUSION_IOU)
     with atomic_dir(EVALUATE_LIVE) as out, Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:  # all or nothing
+        if (EVALUATE_LIVE / ".gitignore").is_file():  # DVC's entry for the cached detections.json: keep it
+            shutil.copy2(EVALUATE_LIVE / ".gitignore", out / ".gitignore")
         for model, numbers in headline(keras, tflite).items():
             for name, value in numbers.items():
                 live.log_metric(f"{model}/{name}", round(value, 4), plot=False)
