@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup repro test lint bench demo compare push pull release s3-local lock
+.PHONY: help setup repro test lint bench demo compare predict push pull release s3-local lock
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -57,6 +57,13 @@ demo: $(STAMP)  ## the whole pipeline offline on synthetic street scenes (about 
 REPO_DIR ?= .
 compare: $(STAMP)  ## dvc exp show: experiments, changed params, headline metrics (ARGS=..., REPO_DIR=...)
 	dvc --cd $(REPO_DIR) exp show --only-changed --keep '(tflite|keras)\.|size_mb|latency_ms' --drop 'Created|.*/' $(ARGS)
+
+# Your own photos, a folder of them or a clip through the shipped model, as the app runs it:
+# annotated copies and detections.json in runs/predict/<n>/ (ops/predict.py, docs/app.md).
+MODEL ?= models/model.tflite
+SCORE ?= 0.25
+predict: $(STAMP)  ## make predict SOURCE=photo.jpg|folder/|clip.mp4 [MODEL=...] [SCORE=0.25]: boxes drawn, runs/predict/<n>/
+	@$(BIN)/python -m ops.predict "$(SOURCE)" --model "$(MODEL)" --score "$(SCORE)"
 
 push: $(STAMP)  ## check the DVC remote, then dvc push
 	$(BIN)/python -m ops.remote check && dvc push

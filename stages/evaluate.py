@@ -14,8 +14,12 @@
     plots/ap/{keras,tflite}.json          per-class AP (bars)
     plots/pr/<model>_<class>.json         precision-recall curve per class (IoU 0.5)
     plots/images/predictions.png          validation images: ground truth and TFLite boxes
-and models/MODEL_CARD.md: the input the app must feed the model (from models/metadata.json)
-and the AP it then gets (this evaluation), per class beside the Keras model's.
+    plots/images/confusion_matrix.png     which class the TFLite file takes each object for
+    confusion.json                        ... as counts (trafficdet/confusion.py)
+    detections.json                       the TFLite detections scored (COCO results format;
+                                          DVC-cached: large); `make predict` gives the same
+and models/MODEL_CARD.md: the input the app must feed the model (from models/metadata.json),
+the AP it then gets (this evaluation), per class beside the Keras model's, and its confusions.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from trafficdet import confusion
 from trafficdet.app import AppDetector, read_frame
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.io import atomic_dir, read_json, remove_stale_temps, write_bytes, write_json
@@ -35,7 +41,10 @@ from trafficdet.model_card import render as render_model_card
 from trafficdet.modelmaker import keras_model, load_dataset, preprocessor, quiet_tensorflow, restore_detector
 from trafficdet.params import EvaluateParams, load
 from trafficdet.paths import (
+    EVALUATE_CONFUSION,
+    EVALUATE_CONFUSION_PLOT,
     EVALUATE_DETAILS,
+    EVALUATE_DETECTIONS,
     EVALUATE_LIVE,
     IMAGE_STORE,
     MODEL,
@@ -46,6 +55,7 @@ from trafficdet.paths import (
 )
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"]
+CONFUSION_IOU = 0.5  # a detection and an object are a pair at COCO's AP50 overlap
 
 
 def coco_evaluate(ground_truth: dict[str, Any], detections: list[dict[str, Any]], backend: str = "pycocotools") -> dict[str, Any]:
@@ -206,8 +216,8 @@ def evaluate(params: EvaluateParams) -> dict[str, dict[str, Any]]:
     if not MODEL.exists():
         raise PipelineError(f"{MODEL}: missing; run the export stage first")
     metadata = read_json(MODEL_METADATA)
-    if "input" not in metadata:
-        raise PipelineError(f"{MODEL_METADATA}: no 'input' contract (written by an older export); run the export stage again")
+    if "input" not in metadata or "detection_step" not in metadata:
+        raise PipelineError(f"{MODEL_METADATA}: written by an older export (no input contract or detection step); rerun export")
     ground_truth = read_json(split_labels("val"))
     quiet_tensorflow()
     import tensorflow as tf
@@ -221,7 +231,13 @@ def evaluate(params: EvaluateParams) -> dict[str, dict[str, Any]]:
     keras = coco_evaluate(ground_truth, keras_dets, backend)
     tflite_dets = tflite_detections(MODEL, ground_truth, IMAGE_STORE, params.max_detections)
     tflite = coco_evaluate(ground_truth, tflite_dets, backend)
+    labels = [c["name"] for c in ground_truth["categories"]]
+    threshold = params.confusion_score_threshold
+    matrix = confusion.confusion_matrix(ground_truth, tflite_dets, threshold, CONFUSION_IOU)
+    confusions = confusion.record(labels, matrix, threshold, CONFUSION_IOU)
     with atomic_dir(EVALUATE_LIVE) as out, Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:  # all or nothing
+        if (EVALUATE_LIVE / ".gitignore").is_file():  # DVC's entry for the cached detections.json: keep it
+            shutil.copy2(EVALUATE_LIVE / ".gitignore", out / ".gitignore")
         for model, numbers in headline(keras, tflite).items():
             for name, value in numbers.items():
                 live.log_metric(f"{model}/{name}", round(value, 4), plot=False)
@@ -229,7 +245,11 @@ def evaluate(params: EvaluateParams) -> dict[str, dict[str, Any]]:
         write_plots("keras", keras, out)
         write_plots("tflite", tflite, out)
         live.log_image("predictions.png", prediction_grid(ground_truth, tflite_dets, IMAGE_STORE))
-    card = render_model_card(metadata, keras, tflite, len(ground_truth["images"]), MODEL.stat().st_size)
+        picture = confusion.plot(labels, matrix, threshold, CONFUSION_IOU, len(ground_truth["images"]))
+        write_bytes(out / EVALUATE_CONFUSION_PLOT.relative_to(EVALUATE_LIVE), picture)
+        write_json(out / EVALUATE_CONFUSION.name, confusions, indent=True)
+        write_json(out / EVALUATE_DETECTIONS.name, tflite_dets)
+    card = render_model_card(metadata, keras, tflite, len(ground_truth["images"]), MODEL.stat().st_size, confusions)
     write_bytes(MODEL_CARD, card.encode())
     return {"keras": keras["overall"], "tflite": tflite["overall"]}
 

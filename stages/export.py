@@ -4,9 +4,9 @@ Reads models/train (and data/cache/train for int8's representative set, data/spl
 and data/images/ for the latency run); writes
     models/model.tflite    TFLite with MediaPipe metadata (labels, norms); the Keras model's own
                            detection step (per-class NMS) inside (trafficdet/tflite_model.py)
-    models/metadata.json   what the model is (architecture, labels, quantization, input size),
-                           what the app must feed it ("input": trafficdet/app.py's contract)
-                           and the TFLite metadata as JSON
+    models/metadata.json   what the model is (architecture, labels, quantization, input size, its
+                           detection step: score floor, NMS), what the app must feed it ("input":
+                           trafficdet/app.py's contract) and the TFLite metadata as JSON
     models/labels.txt      one class name per line, in the model's output order (no background)
     reports/export.json    the file's size in MB (a DVC metric: a `dvc exp show` column)
     reports/timing/export.json  median CPU latency of the app's detection, letterbox + MediaPipe
@@ -32,7 +32,7 @@ from trafficdet.io import read_json, remove_stale_temps, write_bytes, write_json
 from trafficdet.modelmaker import load_dataset, quiet_tensorflow, restore_detector, restore_qat_detector
 from trafficdet.params import ExportParams, load
 from trafficdet.paths import EXPORT_REPORT, EXPORT_TIMING, IMAGE_STORE, MODEL, MODEL_LABELS, MODEL_METADATA, TRAINED, split_labels
-from trafficdet.tflite_model import convert, with_metadata
+from trafficdet.tflite_model import convert, detection_settings, with_metadata
 
 
 def shorten_lists(value: Any, limit: int = 100) -> Any:
@@ -133,6 +133,7 @@ def export(params: ExportParams, out_model: Path = MODEL) -> dict[str, Any]:
             "input": INPUT_CONTRACT,  # what the app must do to a frame (trafficdet/app.py); expected AP: MODEL_CARD.md
             "quantization": kind,
             "labels": labels,  # the model's class output k is labels[k]
+            "detection_step": detection_settings(detector),  # inside the file: no box below its score_threshold
             "trained_epochs": summary["epochs"],
             "qat_epochs": len(summary["qat"]["history"]) if summary.get("qat") else 0,
             "init": summary["init"],

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from testkit.fixture import download_params, generate
+from testkit.fixture import download_params, generate, write_video
 from testkit.fixture_server import FixtureServer
 from testkit.repo_copy import ROOT, copy_repo
 
@@ -77,8 +77,17 @@ def main() -> None:
     for name in LARGE_CLASSES:
         print(f"  AP50 {name:6s} {tflite['per_class'][name]['AP50']:.3f} (Keras {keras['per_class'][name]['AP50']:.3f})")
     print(f"model:   {repo / 'models/model.tflite'} (card: models/MODEL_CARD.md, metadata: models/metadata.json)")
-    print(f"plots:   {repo / 'dvc_plots/index.html'} (loss curves, per-class AP, PR curves, predictions)")
+    print(f"plots:   {repo / 'dvc_plots/index.html'} (loss curves, per-class AP, PR curves, predictions, confusion matrix)")
     print(f"compare: make compare REPO_DIR={repo.relative_to(ROOT) if repo.is_relative_to(ROOT) else repo}")
+    # For `make predict`: the validation images in a folder of their own, and a clip of a synthetic street.
+    val_images = args.dir / "val"
+    val_images.mkdir()
+    for image in json.loads((repo / "data/split/val/labels.json").read_text())["images"]:
+        (val_images / image["file_name"]).symlink_to((repo / "data/images" / image["file_name"]).resolve())
+    clip = write_video(args.dir / "street.mp4")
+    shown = args.dir.relative_to(ROOT) if args.dir.is_relative_to(ROOT) else args.dir
+    model = shown / "repo/models/model.tflite"
+    print(f"predict: make predict SOURCE={shown / 'val'} MODEL={model} (or SOURCE={shown / clip.name})")
     summary = {
         "minutes": round(elapsed / 60, 2),
         "AP": tflite["AP"],

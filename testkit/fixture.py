@@ -395,6 +395,25 @@ def generate(
     return manifest
 
 
+def write_video(path: Path, frames: int = 12, seed: int = 0, fps: float = 10.0, width: int = 320, height: int = 240) -> Path:
+    """A short clip of one synthetic street, the camera panning along it (objects slide left), written
+    with OpenCV: MJPEG for .avi, MPEG-4 part 2 otherwise. For `make predict` on video."""
+    import cv2
+    import numpy as np
+
+    street = np.asarray(make_scene(random.Random(seed), 2 * width, height).image)  # twice the frame's width
+    path.parent.mkdir(parents=True, exist_ok=True)
+    codec = "MJPG" if path.suffix.lower() == ".avi" else "mp4v"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps, (width, height))
+    if not writer.isOpened():
+        raise RuntimeError(f"{path}: OpenCV cannot write {codec} video")
+    for index in range(frames):
+        left = round(index * width / max(1, frames - 1))
+        writer.write(cv2.cvtColor(np.ascontiguousarray(street[:, left : left + width]), cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
 def image_records(root: Path) -> list[dict[str, Any]]:
     """The COCO image records (with ``coco_url``) of a generated fixture, train then val."""
     import orjson
@@ -425,12 +444,19 @@ def download_params(base_url: str, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path)
+    parser.add_argument("root", type=Path, nargs="?", help="where to write the source tree (optional with --video)")
     parser.add_argument("--images", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, nargs=2, default=(320, 240), metavar=("W", "H"))
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="where fixture_server will serve it")
+    parser.add_argument("--video", type=Path, metavar="FILE", help="write a short clip of a synthetic street (.mp4, .avi)")
     args = parser.parse_args()
+    if args.video:
+        print(f"wrote {write_video(args.video, seed=args.seed, width=args.size[0], height=args.size[1])}")
+    if args.root is None:
+        if not args.video:
+            parser.error("give the folder to write the source tree to (or --video FILE)")
+        return
     manifest = generate(args.root, images=args.images, seed=args.seed, width=args.size[0], height=args.size[1])
     print(f"wrote {manifest['images']} images, {manifest['annotations']} annotations to {args.root}")
     flags = " ".join(f"-S download.{key}={value}" for key, value in download_params(args.url, manifest).items())

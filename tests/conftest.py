@@ -48,6 +48,7 @@ def server(fixture_tree: tuple[Path, dict[str, Any]]) -> FixtureServer:
 def stage_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("PYTHONPATH", None)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # importing TensorFlow in this process sets it to 1; a user's shell has none
     # The loopback object store's credentials, as a user would export theirs.
     env.update({"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
     env.update(extra)

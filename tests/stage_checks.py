@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,26 @@ def one_error_line(result: subprocess.CompletedProcess[str], *needles: str) -> s
     for needle in needles:
         assert needle in errors[0], errors[0]
     return errors[0]
+
+
+# The native libraries' routine log lines (issue 19), by their own words: none may reach a healthy run's terminal.
+NATIVE_NOISE = (
+    "GPU suport is not available",
+    "absl::InitializeLog()",
+    "Created TensorFlow Lite XNNPACK delegate",
+    "Feedback manager requires a model with a single signature",
+    "Summary on the non-converted ops",
+    "arith.constant",
+)
+
+
+def native_noise(stderr: str) -> list[str]:
+    """The lines of ``stderr`` that are routine native log lines: the known ones, or any absl/glog INFO or WARNING line."""
+    return [
+        line
+        for line in stderr.splitlines()
+        if any(words in line for words in NATIVE_NOISE) or re.match(r"[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\]", line)
+    ]
 
 
 def digests(root: Path, *, outputs: bool) -> dict[str, str]:

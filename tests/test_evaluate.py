@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from stages.evaluate import METRICS, coco_evaluate, prediction_grid
@@ -131,3 +132,96 @@ def test_annotation_ids_from_zero_score_like_any_other() -> None:
         ann["id"] = number
     detections = [{**{k: a[k] for k in ("image_id", "category_id", "bbox")}, "score": 0.9} for a in gt["annotations"]]
     assert coco_evaluate(gt, detections, "pycocotools")["overall"]["AP"] == pytest.approx(1.0)
+
+
+LIGHTS = [{"id": 1, "name": "traffic_light_red"}, {"id": 2, "name": "traffic_light_green"}, {"id": 3, "name": "car"}]
+RED, GREEN, CAR, BACKGROUND = 0, 1, 2, 3  # rows and columns of the matrix
+
+
+def scene(objects: list[tuple[int, list[float]]], crowd: list[list[float]] = ()) -> dict:
+    """One 320 x 240 image holding ``objects`` (category id, box) and crowd regions of cars."""
+    annotations = [
+        {"id": n, "image_id": 1, "category_id": c, "bbox": box, "area": box[2] * box[3], "iscrowd": 0}
+        for n, (c, box) in enumerate(objects, 1)
+    ]
+    annotations += [
+        {"id": 100 + n, "image_id": 1, "category_id": 3, "bbox": box, "area": box[2] * box[3], "iscrowd": 1}
+        for n, box in enumerate(crowd)
+    ]
+    image = {"id": 1, "file_name": "1.jpg", "width": 320, "height": 240}
+    return {"images": [image], "annotations": annotations, "categories": LIGHTS}
+
+
+def det(category_id: int, box: list[float], score: float = 0.9) -> dict:
+    return {"image_id": 1, "category_id": category_id, "bbox": box, "score": score}
+
+
+def test_confusion_matrix_counts_right_wrong_missed_and_false_alarms() -> None:
+    from trafficdet.confusion import confusion_matrix
+
+    gt = scene([(1, [10, 10, 20, 40]), (2, [60, 10, 20, 40]), (3, [100, 150, 80, 40]), (3, [200, 150, 80, 40])])
+    detections = [
+        det(2, [10, 10, 20, 40]),  # the red light, called green
+        det(2, [61, 11, 20, 40]),  # the green light, right (IoU 0.87)
+        det(3, [100, 150, 80, 40], score=0.2),  # the first car, below the threshold: missed
+        det(3, [200, 150, 80, 40]),  # the second car, right
+        det(3, [204, 150, 80, 40], score=0.8),  # a second box on it: a false alarm
+        det(1, [280, 10, 20, 40]),  # nothing there: a false alarm
+    ]
+    matrix = confusion_matrix(gt, detections, score_threshold=0.25, iou_threshold=0.5)
+    expected = np.zeros((4, 4), dtype=int)
+    expected[GREEN, RED] = 1
+    expected[GREEN, GREEN] = 1
+    expected[CAR, CAR] = 1
+    expected[BACKGROUND, CAR] = 1
+    expected[CAR, BACKGROUND] = 1
+    expected[RED, BACKGROUND] = 1
+    assert matrix.tolist() == expected.tolist()
+    assert matrix.sum(axis=0)[:BACKGROUND].tolist() == [1, 1, 2]  # every object counted once, in its column
+    assert confusion_matrix(gt, detections, score_threshold=0.2)[CAR, CAR] == 2  # the first car counts at 0.2
+    # IoU exactly 0.5 pairs, as COCO's AP50 does
+    shifted = confusion_matrix(scene([(3, [0, 0, 60, 40])]), [det(3, [20, 0, 60, 40])], 0.25)  # IoU 40/80 = 0.5
+    assert shifted[CAR, CAR] == 1
+    assert confusion_matrix(scene([(3, [0, 0, 60, 40])]), [det(3, [21, 0, 60, 40])], 0.25)[CAR, CAR] == 0  # IoU < 0.5
+
+
+def test_confusion_pairs_highest_iou_first_each_box_once() -> None:
+    """Ultralytics' rule: a detection over two objects goes to the one it overlaps most; the other is missed."""
+    from trafficdet.confusion import confusion_matrix
+
+    gt = scene([(1, [10, 10, 20, 40]), (2, [14, 10, 20, 40])])  # two lights side by side, overlapping
+    matrix = confusion_matrix(gt, [det(2, [13, 10, 20, 40])], 0.25)  # IoU 0.74 with the red, 0.90 with the green
+    assert matrix[GREEN, GREEN] == 1 and matrix[BACKGROUND, RED] == 1 and matrix[GREEN, RED] == 0
+    both = confusion_matrix(gt, [det(2, [13, 10, 20, 40]), det(1, [10, 10, 20, 40], 0.5)], 0.25)
+    assert both[GREEN, GREEN] == 1 and both[RED, RED] == 1 and both[:, BACKGROUND].sum() == 0
+
+
+def test_confusion_ignores_crowd_regions_as_cocoeval_does() -> None:
+    from trafficdet.confusion import confusion_matrix
+
+    gt = scene([(3, [10, 150, 60, 40])], crowd=[[150, 100, 160, 120]])
+    detections = [det(3, [10, 150, 60, 40]), det(3, [160, 120, 50, 60]), det(3, [290, 100, 60, 40])]  # in, half out
+    matrix = confusion_matrix(gt, detections, 0.25)
+    assert matrix[CAR, CAR] == 1  # the crowd region is no object: not missed
+    assert matrix[BACKGROUND].sum() == 0
+    assert matrix[CAR, BACKGROUND] == 1  # only the box mostly outside the region is a false alarm (20 of 60 px inside)
+
+
+def test_confusion_record_picture_and_model_card_lines() -> None:
+    """The JSON and the picture are the same bytes from the same input; the card states the light confusions."""
+    from trafficdet.confusion import confusion_matrix, plot, record
+    from trafficdet.model_card import confusions
+
+    gt = scene([(1, [10, 10, 20, 40]), (1, [40, 10, 20, 40]), (2, [60, 10, 20, 40]), (3, [100, 150, 80, 40])])
+    detections = [det(2, [10, 10, 20, 40]), det(1, [40, 10, 20, 40]), det(2, [60, 10, 20, 40]), det(3, [250, 150, 60, 40])]
+    names = [c["name"] for c in LIGHTS]
+    matrix = confusion_matrix(gt, detections, 0.25)
+    saved = record(names, matrix, 0.25, 0.5)
+    assert saved["labels"] == [*names, "background"] and saved["matrix"] == matrix.tolist()
+    picture = plot(names, matrix, 0.25, 0.5, images=1)
+    assert picture.startswith(b"\x89PNG") and picture == plot(names, matrix, 0.25, 0.5, images=1)
+    lines = confusions(saved)
+    assert "| traffic_light_red | 2 | 1 | traffic_light_green 1 | 0 |" in lines
+    assert "| car | 1 | 0 | - | 1 |" in lines
+    assert "False alarms (a detection where no object is): 1 (car 1)." in lines
+    assert "Red lights called green: 1 of 2; green lights called red: 0 of 1." in lines

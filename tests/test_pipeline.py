@@ -96,11 +96,19 @@ def test_repro_end_to_end(tiny_pipeline: PipelineRun) -> None:
         "reports/evaluate/plots/ap/tflite.json",
         "reports/evaluate/plots/pr/tflite_car.json",
         "reports/evaluate/plots/images/predictions.png",
+        "reports/evaluate/plots/images/confusion_matrix.png",
     ):
         assert (repo / plot).is_file(), plot
     rendered = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
     assert "reports/train/plots/metrics/val/total_loss.tsv" in rendered["data"] and not rendered.get("errors")
     assert "reports/evaluate/plots/pr/tflite_car.json" in rendered["data"]
+    assert "reports/evaluate/plots/images/confusion_matrix.png" in rendered["data"]
+    # The confusion matrix has a column per class and background; every object of the split counts once in its column.
+    confusion = json.loads((repo / "reports/evaluate/confusion.json").read_text())
+    assert confusion["labels"] == [*classes, "background"] and confusion["score_threshold"] == 0.25
+    assert sum(sum(row[:-1]) for row in confusion["matrix"]) == sum(not ann["iscrowd"] for ann in val["annotations"])
+    assert isinstance(json.loads((repo / "reports/evaluate/detections.json").read_text()), list)
+    assert json.loads((repo / "models/metadata.json").read_text())["detection_step"]["score_threshold"] == 0.05
 
     assert stages_run(outputs["model_again"]) == []  # a param change reruns only its stages: see test_remote
 

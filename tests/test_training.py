@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,13 @@ import numpy as np
 import pytest
 import yaml
 
+from testkit.fixture import write_video
 from testkit.fixture_server import FixtureServer
 from testkit.keras_weights import KERAS_WEIGHTS_PATH
 from testkit.object_store import ACCESS_KEY, SECRET_KEY, ObjectStore
 from testkit.repo_copy import commit_all
 from tests.conftest import PipelineRun, run, stage_env
+from tests.stage_checks import native_noise
 from tests.test_pipeline import set_param
 from tests.test_remote import fresh_clone
 from trafficdet.app import AppDetector, Detection, read_frame
@@ -287,7 +290,8 @@ def test_exported_model_finds_a_known_object(learned_repo: Path, tiny_pipeline: 
     for kind in ("float32", "float16", "int8", "dynamic"):
         if kind != "float32":  # the fixture exported float32
             set_param(learned_repo, "export", "quantization", kind)
-            run([sys.executable, "-m", "stages.export"], learned_repo)
+            exported = run([sys.executable, "-m", "stages.export"], learned_repo)
+            assert native_noise(exported.stderr) == [], exported.stderr  # no converter summary, no MediaPipe lines
         model = learned_repo / "models/model.tflite"
         sizes[kind] = model.stat().st_size
         assert finds(model, image, label, box), f"{kind}: no {label} at score >= {SCORE_THRESHOLD} with IoU >= 0.5"
@@ -328,6 +332,66 @@ print("compared", total, mismatched, worst_score, worst_box)
     assert int(total) > 100  # a model that learned detects things (the untrained one: nothing above 0.05)
     assert int(mismatched) == 0, f"{mismatched} validation images differ in count or classes"
     assert float(worst_score) < 1e-4 and float(worst_box) < 0.01  # pixels of the model's input
+
+
+@pytest.mark.slow
+def test_predict_finds_what_evaluate_scored_on_a_quiet_terminal(learned_repo: Path, tmp_path: Path) -> None:
+    """`make predict` on the validation images returns the TFLite detections the evaluate stage scored,
+    box for box and score for score; neither prints a native log line; no box below the file's own
+    score floor comes out, even at score 0. The evaluation's confusion matrix counts every object once."""
+    evaluated = run([sys.executable, "-m", "stages.evaluate"], learned_repo)
+    assert native_noise(evaluated.stderr) == [], evaluated.stderr
+    val = json.loads((learned_repo / "data/split/val/labels.json").read_text())
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for image in val["images"]:
+        os.symlink(learned_repo / "data/images" / image["file_name"], photos / image["file_name"])
+    runs = tmp_path / "runs"
+    predicted = run([sys.executable, "-m", "ops.predict", str(photos), "--score", "0", "--out", str(runs)], learned_repo)
+    assert native_noise(predicted.stderr) == [], predicted.stderr
+
+    files = {image["id"]: image["file_name"] for image in val["images"]}
+    names = {c["id"]: c["name"] for c in val["categories"]}
+    scored = json.loads((learned_repo / "reports/evaluate/detections.json").read_text())
+    expected = sorted((files[d["image_id"]], names[d["category_id"]], d["bbox"], d["score"]) for d in scored)
+    found = json.loads((runs / "1/detections.json").read_text())
+    assert sorted((d["file_name"], d["category"], d["bbox"], d["score"]) for d in found) == expected
+    assert len(expected) > 100  # a model that learned: the untrained one finds nothing above its floor
+    assert all(names[d["category_id"]] == d["category"] for d in found)  # the same category ids as the split's
+    floor = json.loads((learned_repo / "models/metadata.json").read_text())["detection_step"]["score_threshold"]
+    assert floor == 0.05 and min(d["score"] for d in found) >= floor
+    assert sorted(p.name for p in (runs / "1").iterdir()) == sorted([*files.values(), "detections.json"])
+    assert f"predict: {len(files)} images; {len(found)} boxes at score >= 0 -> {runs / '1'}/" in predicted.stdout
+    assert "the model itself returns no box below 0.05" in predicted.stdout
+
+    confusion = json.loads((learned_repo / "reports/evaluate/confusion.json").read_text())
+    objects = Counter(names[a["category_id"]] for a in val["annotations"] if not a["iscrowd"])
+    columns = dict(zip(confusion["labels"], (sum(column) for column in zip(*confusion["matrix"], strict=True)), strict=True))
+    assert columns == {**dict.fromkeys(names.values(), 0), **objects, "background": columns["background"]}
+    card = (learned_repo / "models/MODEL_CARD.md").read_text()
+    assert "Red lights called green:" in card and "drops every box scoring below 0.05 itself" in card
+
+
+@pytest.mark.slow
+def test_predict_on_a_clip_gives_each_frame_what_the_app_finds_in_it(learned_repo: Path, tmp_path: Path) -> None:
+    """A clip made by the fixture, in Tasks' VIDEO mode with timestamps: each frame's boxes are those the
+    app's IMAGE mode finds in that decoded frame; the annotated clip keeps every frame."""
+    import cv2
+
+    from ops.predict import predict, video_frames
+
+    clip = write_video(tmp_path / "street.mp4", frames=12)
+    model = learned_repo / "models/model.tflite"
+    result = predict(clip, model, 0.25, tmp_path / "runs")
+    frames = list(video_frames(cv2.VideoCapture(str(clip))))
+    with AppDetector(model, max_results=100, score_threshold=0.25) as detector:
+        expected = sorted((k, d.label, list(d.box), d.score) for k, frame in enumerate(frames) for d in detector.detect(frame))
+    assert sorted((d["frame"], d["category"], d["bbox"], d["score"]) for d in result.detections) == expected
+    assert len(expected) > 10 and "car" in {label for _, label, _, _ in expected}
+    assert result.read == "12 frames of street.mp4 at 10 fps"
+    annotated = list(video_frames(cv2.VideoCapture(str(result.folder / "street.mp4"))))
+    assert len(annotated) == 12 and annotated[0].shape == frames[0].shape
+    assert sorted(p.name for p in result.folder.iterdir()) == ["detections.json", "street.mp4"]
 
 
 def test_imagenet_start_point_fills_every_backbone_variable_from_the_file(

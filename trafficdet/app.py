@@ -12,8 +12,8 @@ the frame). Measured on the demo model: see docs/app.md.
 The file ends in the Keras model's own detection step (trafficdet/tflite_model.py), so Tasks
 adds no post-processing of its own and no option is needed.
 
-Evaluation, export's latency run, the benchmarks and the tests all detect through
-``AppDetector``, so the reported AP is the app's.
+Evaluation, export's latency run, `make predict` (ops/predict.py), the benchmarks and the
+tests all detect through ``AppDetector``, so the reported AP is the app's.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
+
+from trafficdet.errors import PipelineError
 
 PAD_VALUE = 128  # grey: the model's normalisation mean (127.5), what Model Maker's letterbox pads with
 
@@ -62,17 +64,45 @@ def clip_box(x: float, y: float, w: float, h: float, width: int, height: int) ->
     return x0, y0, x1 - x0, y1 - y0
 
 
-def read_frame(path: Path) -> np.ndarray:
+def read_frame(path: Path, upright: bool = False) -> np.ndarray:
     """An image file as an H x W x 3 uint8 RGB array, as a camera frame would arrive.
 
     Decoded by TensorFlow, as training and the Keras evaluation decode it: JPEG decoders differ
     by a level here and there (TensorFlow's default DCT is the fast one, Pillow's the accurate
     one), and that alone moved the demo model's AP by 0.012 (docs/app.md). A camera frame is
     never a JPEG, so the evaluation feeds the app the pixels the model was measured on.
+
+    ``upright``: turned as its EXIF orientation says, as a photo viewer shows it (a phone stores
+    a portrait photo sideways and says so there). Training and evaluation ignore the tag, as
+    COCO's boxes do; `make predict` on your own photos honours it.
     """
     import tensorflow as tf
 
-    return tf.io.decode_image(Path(path).read_bytes(), channels=3, expand_animations=False).numpy()
+    try:
+        frame = tf.io.decode_image(Path(path).read_bytes(), channels=3, expand_animations=False).numpy()
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found") from None
+    except tf.errors.InvalidArgumentError:
+        raise PipelineError(f"{path}: not an image TensorFlow can decode (JPEG, PNG, GIF or BMP), or a damaged one") from None
+    return upright_frame(path, frame) if upright else frame
+
+
+def upright_frame(path: Path, frame: np.ndarray) -> np.ndarray:
+    """``frame`` turned by the EXIF orientation of the file at ``path`` (Pillow's exif_transpose table)."""
+    from PIL import ExifTags, Image
+
+    with Image.open(path) as image:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    turn = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_270,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_90,
+    }.get(orientation)
+    return frame if turn is None else np.asarray(Image.fromarray(frame).transpose(turn))
 
 
 @dataclass(frozen=True)
@@ -85,14 +115,19 @@ class Detection:
 
 
 class AppDetector:
-    """MediaPipe Tasks' ObjectDetector behind the app's pre- and post-processing (a context manager)."""
+    """MediaPipe Tasks' ObjectDetector behind the app's pre- and post-processing (a context manager).
 
-    def __init__(self, model: Path, max_results: int = 100, score_threshold: float = 0.0) -> None:
+    ``video``: Tasks' VIDEO running mode, for the frames of a clip in order (``detect_video_frame``),
+    as an app runs a camera feed; otherwise IMAGE mode (``detect``), frames independent.
+    """
+
+    def __init__(self, model: Path, max_results: int = 100, score_threshold: float = 0.0, video: bool = False) -> None:
         from mediapipe.tasks.python import BaseOptions
-        from mediapipe.tasks.python.vision import ObjectDetector, ObjectDetectorOptions
+        from mediapipe.tasks.python.vision import ObjectDetector, ObjectDetectorOptions, RunningMode
 
         options = ObjectDetectorOptions(
             base_options=BaseOptions(model_asset_path=str(model)),
+            running_mode=RunningMode.VIDEO if video else RunningMode.IMAGE,
             max_results=max_results,
             score_threshold=score_threshold,
         )
@@ -109,14 +144,26 @@ class AppDetector:
 
     def detect(self, frame: np.ndarray) -> list[Detection]:
         """Detections in ``frame`` (H x W x 3 uint8 RGB): letterbox, Tasks, boxes clipped to the frame."""
-        import mediapipe as mp
+        return self._in_frame(frame, self._detector.detect(_square(frame)))
 
+    def detect_video_frame(self, frame: np.ndarray, timestamp_ms: int) -> list[Detection]:
+        """``detect`` for the next frame of a clip (VIDEO mode); ``timestamp_ms`` must grow frame by frame."""
+        return self._in_frame(frame, self._detector.detect_for_video(_square(frame), timestamp_ms))
+
+    @staticmethod
+    def _in_frame(frame: np.ndarray, result: Any) -> list[Detection]:
         height, width = frame.shape[:2]
-        square = mp.Image(image_format=mp.ImageFormat.SRGB, data=letterbox(frame))
         detections = []
-        for found in self._detector.detect(square).detections:
+        for found in result.detections:
             box, top = found.bounding_box, found.categories[0]
             clipped = clip_box(box.origin_x, box.origin_y, box.width, box.height, width, height)
             if clipped is not None:  # a box wholly in the padding
                 detections.append(Detection(top.category_name, float(top.score), clipped))
         return detections
+
+
+def _square(frame: np.ndarray) -> Any:
+    """``frame`` letterboxed, as the ``mp.Image`` Tasks takes."""
+    import mediapipe as mp
+
+    return mp.Image(image_format=mp.ImageFormat.SRGB, data=letterbox(frame))

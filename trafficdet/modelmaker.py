@@ -11,12 +11,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import logging
 import os
 import re
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,27 +23,14 @@ from trafficdet.architectures import ARCHITECTURES
 from trafficdet.errors import PipelineError
 from trafficdet.io import private_tmpdir, read_json, write_json
 from trafficdet.paths import CACHE, IMAGE_STORE
+from trafficdet.quiet import quiet_libraries
 
 
 def quiet_tensorflow() -> None:
-    """Silence TensorFlow's known start-up noise; call before importing it.
-
-    TF 2.15 logs cuDNN/cuFFT/cuBLAS "Unable to register ... factory" at ERROR level on
-    every import (a known duplicate-registration bug, tensorflow#62075, harmless), so only
-    C++ level 3 (FATAL) hides them; real failures still reach Python as exceptions. Its
-    Python deps emit deprecation warnings nobody here can act on, and Keras warns
-    "Gradients do not exist" for Model Maker's unused head variables every step.
-    Temp dirs go to ``data/.tmp/<pid>``.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    """Silence TensorFlow's, MediaPipe's and their Python deps' known noise (trafficdet/quiet.py);
+    call before importing them. Temp dirs go to ``data/.tmp/<pid>``."""
+    quiet_libraries()
     private_tmpdir()
-    for category in (DeprecationWarning, FutureWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category)
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    with contextlib.suppress(ImportError):
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.ERROR)
 
 
 @contextlib.contextmanager

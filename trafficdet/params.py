@@ -24,6 +24,7 @@ NonNegativeInt = Annotated[int, Field(ge=0, description="an integer >= 0")]
 PositiveFloat = Annotated[float, Field(gt=0, description="a positive number")]
 NonNegativeFloat = Annotated[float, Field(ge=0, description="a number >= 0")]
 Fraction = Annotated[float, Field(gt=0, lt=1, description="a number between 0 and 1 (exclusive)")]
+Score = Annotated[float, Field(ge=0, le=1, description="a score from 0 to 1")]
 Checksum = Annotated[str, Field(pattern=r"^((md5|sha256):[0-9a-fA-F]+)?$", description="'' or 'md5:<hex>' or 'sha256:<hex>'")]
 Url = Annotated[str, Field(pattern=r"^https?://\S+$", description="an http:// or https:// URL")]
 HostName = Annotated[
@@ -153,6 +154,7 @@ class EvaluateParams(Section):
     backend: Literal["pycocotools", "faster_coco_eval"]
     batch_size: PositiveInt
     max_detections: PositiveInt
+    confusion_score_threshold: Score
 
 
 S = TypeVar("S", bound=Section)

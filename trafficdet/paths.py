@@ -52,6 +52,9 @@ EXPORT_REPORT = Path("reports/export.json")
 # evaluate
 EVALUATE_LIVE = Path("reports/evaluate")  # dvclive: metrics.json (the headline), plots/
 EVALUATE_DETAILS = EVALUATE_LIVE / "coco.json"  # every COCO number, per model and class
+EVALUATE_DETECTIONS = EVALUATE_LIVE / "detections.json"  # the TFLite detections it scored (COCO results)
+EVALUATE_CONFUSION = EVALUATE_LIVE / "confusion.json"  # the TFLite confusion matrix, as counts
+EVALUATE_CONFUSION_PLOT = EVALUATE_LIVE / "plots/images/confusion_matrix.png"  # ... and as a picture
 MODEL_CARD = Path("models/MODEL_CARD.md")  # the app's input contract and the expected AP
 
 # Measurements of the machine that ran a stage (seconds, images/s, latency): the only outputs

@@ -32,6 +32,19 @@ STEP_ONLY_OPS = [
 ]
 
 
+def detection_settings(detector: Any) -> dict[str, Any]:
+    """What the detection step does, from tf-models' detection generator config as Model Maker builds
+    it (models/metadata.json and the model card state it): no box below ``score_threshold`` leaves the file."""
+    config = retinanet(detector).detection_generator.get_config()
+    return {
+        "nms": "per class",
+        "score_threshold": config["pre_nms_score_threshold"],
+        "nms_iou_threshold": config["nms_iou_threshold"],
+        "pre_nms_top_k": config["pre_nms_top_k"],
+        "max_detections": config["max_num_detections"],
+    }
+
+
 def detection_function(detector: Any) -> Any:
     """A concrete function: normalised [1, S, S, 3] image -> (boxes, classes, scores, count), Tasks' order.
 
@@ -42,11 +55,11 @@ def detection_function(detector: Any) -> Any:
 
     network = retinanet(detector)
     generator = network.detection_generator
-    config = generator.get_config()
+    settings = detection_settings(detector)
     height, width = detector_spec(detector).input_image_shape[:2]
     anchors = {level: boxes[tf.newaxis] for level, boxes in preprocessor(detector).anchor_boxes.items()}
     scale = tf.constant([height, width, height, width], tf.float32)
-    top = config["max_num_detections"]
+    top = settings["max_detections"]
 
     @tf.function(input_signature=[tf.TensorSpec([1, height, width, 3], tf.float32)])
     def detect(images: Any) -> tuple[Any, Any, Any, Any]:
@@ -61,14 +74,14 @@ def detection_function(detector: Any) -> Any:
             boxes, scores = boxes[0, :, 0, :], scores[0]
             kept_boxes, kept_scores, kept_classes = [], [], []
             for k in range(scores.shape[1]):
-                class_scores, order = tf.math.top_k(scores[:, k], k=min(boxes.shape[0], config["pre_nms_top_k"]))
+                class_scores, order = tf.math.top_k(scores[:, k], k=min(boxes.shape[0], settings["pre_nms_top_k"]))
                 class_boxes = tf.gather(boxes, order)
                 chosen, chosen_scores, _ = tf.raw_ops.NonMaxSuppressionV5(
                     boxes=class_boxes,
                     scores=class_scores,
                     max_output_size=top,
-                    iou_threshold=config["nms_iou_threshold"],
-                    score_threshold=config["pre_nms_score_threshold"],
+                    iou_threshold=settings["nms_iou_threshold"],
+                    score_threshold=settings["score_threshold"],
                     soft_nms_sigma=0.0,
                     pad_to_max_output_size=True,  # padding: score 0, sorted last below
                 )
