@@ -126,6 +126,7 @@ class TrainParams(Section):
     qat: QatParams
     mixed_precision: Literal["off", "float16", "bfloat16"]
     jit_compile: bool
+    device: Literal["auto", "gpu", "cpu"]
 
     @field_validator("distribution_strategy", "mixed_precision", mode="before")
     @classmethod
