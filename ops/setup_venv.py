@@ -81,7 +81,7 @@ def choose_python(given: str, get_uv) -> str:
     uv = get_uv()
     located = subprocess.run([uv, "python", "find", "3.11"], capture_output=True, text=True)
     if located.returncode != 0:
-        print("make setup: no Python 3.11 here; uv python install 3.11 (a download of about 30 MB)", flush=True)
+        print("make setup: no Python 3.11 here; uv python install 3.11 (a download)", flush=True)
         fetched = subprocess.run([uv, "python", "install", "3.11"], capture_output=True, text=True)
         if fetched.returncode != 0:
             raise SetupError(f"no Python 3.11 on this machine and uv could not download one ({last_line(fetched)}): {NO_311}")
