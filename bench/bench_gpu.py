@@ -8,7 +8,8 @@ stage's writer) and runs ``--steps`` real train steps (Keras ``fit``) on one bat
 ``--warmup`` steps that trace and compile: the device's rate, not the input pipeline's
 (bench_input.py measures that). Then one ``fit`` fed by the stage's own input pipeline
 (``training_dataset``, float32): what this machine's cores let the GPU do. Then the same on the CPU
-(GPUs hidden; float16 skipped, the stage refuses it without a GPU) with ``--cpu-steps``.
+(GPUs hidden; float16 skipped, the stage refuses it without a GPU) with ``--cpu-batch`` and
+``--cpu-steps`` (CPU steps are far slower, bfloat16 ones slower still: docs/speed.md).
 
 Where nvidia-smi lists no GPU: one line saying so, exit 0. Where it lists one that TensorFlow
 cannot use: the train stage's one-line cause and fix, exit 1. ``--cpu-only`` runs the CPU half
@@ -90,11 +91,11 @@ print(json.dumps(result))
 
 def measure(args: argparse.Namespace, folder: Path, cache: Path, precision: str, xla: bool, device: str) -> dict:
     """One fresh process: a model for ``precision``/``xla`` trained on ``device``; its rates, or why it failed."""
-    steps = args.steps if device == "gpu" else args.cpu_steps
+    batch, steps, warmup = (args.batch, args.steps, args.warmup) if device == "gpu" else (args.cpu_batch, args.cpu_steps, 2)
     pipeline = device == "gpu" and precision == "off" and not xla
     scratch = OUT / f"gpu-scratch-{device}-{precision}-{int(xla)}"
-    command = [sys.executable, "-c", CHILD, str(folder), str(cache), str(scratch), str(args.batch), str(steps)]
-    command += [str(args.warmup), precision, str(int(xla)), device, args.architecture, str(int(pipeline))]
+    command = [sys.executable, "-c", CHILD, str(folder), str(cache), str(scratch), str(batch), str(steps)]
+    command += [str(warmup), precision, str(int(xla)), device, args.architecture, str(int(pipeline))]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -105,13 +106,17 @@ def measure(args: argparse.Namespace, folder: Path, cache: Path, precision: str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256, help="synthetic 640x480 images in the cache")
-    parser.add_argument("--batch", type=int, default=32, help="global batch of every run (GPU and CPU alike)")
+    parser.add_argument("--batch", type=int, default=32, help="batch of the GPU runs")
     parser.add_argument("--steps", type=int, default=300, help="timed train steps per GPU run")
-    parser.add_argument("--cpu-steps", type=int, default=20, help="timed train steps per CPU run")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed first steps (tracing, XLA compiling)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed first GPU steps (tracing, XLA compiling); 2 on the CPU")
+    parser.add_argument("--cpu-batch", type=int, default=8, help="batch of the CPU runs (the train stage's default)")
+    parser.add_argument("--cpu-steps", type=int, default=5, help="timed train steps per CPU run")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="train.mixed_precision values to run (off is float32)")
     parser.add_argument("--architecture", default="mobilenet_v2", help="train.architecture")
     parser.add_argument("--cpu-only", action="store_true", help="measure the CPU half even without a GPU")
     args = parser.parse_args()
+    if set(args.precisions.split(",")) - set(PRECISIONS):
+        parser.error(f"--precisions: choose from {','.join(PRECISIONS)}")
 
     gpus = listed_gpus()
     if not gpus and not args.cpu_only:
@@ -132,7 +137,7 @@ def main() -> None:
     devices = (["gpu"] if gpus else []) + ["cpu"]
     table: dict[str, dict[str, dict]] = {device: {} for device in devices}
     for device in devices:
-        for precision in PRECISIONS:
+        for precision in args.precisions.split(","):
             for xla in (False, True):
                 name = ("float32" if precision == "off" else precision) + (" + XLA" if xla else "")
                 if device == "cpu" and precision == "float16":
@@ -149,7 +154,8 @@ def main() -> None:
         return f"{entry[key]:.1f}" if key in entry else ("n/a" if "skipped" in entry else "failed")
 
     names = list(table["cpu"])
-    print(f"\n{machine()}; GPU: {', '.join(gpus) or 'none'}; batch {args.batch}, {args.architecture}; train images/s")
+    batches = f"batch {args.batch} on the GPU, {args.cpu_batch} on the CPU" if gpus else f"batch {args.cpu_batch}"
+    print(f"\n{machine()}; GPU: {', '.join(gpus) or 'none'}; {batches}; {args.architecture}; train images/s")
     print("| device | " + " | ".join(names) + " |")
     print("| --- |" + " ---: |" * len(names))
     for device in devices:
