@@ -2,8 +2,9 @@
 SHELL := /bin/bash
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
-# ops/setup_venv.py: which lock (GPU=1 / GPU=0 / nvidia-smi), which Python 3.11 (PYTHON=..., found, or uv's), uv to install
-SETUP := python3 ops/setup_venv.py --gpu '$(GPU)' --python '$(PYTHON)'
+# ops/setup_venv.py: which lock (GPU=1 / GPU=0 / nvidia-smi), which Python 3.11 (PYTHON=..., found, or uv's), uv to
+# install; it runs with the host's PATH (not .venv/bin first), on any python3 >= 3.8.
+SETUP := PATH='$(PATH)' python3 ops/setup_venv.py --gpu '$(GPU)' --python '$(PYTHON)'
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
