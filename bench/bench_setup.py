@@ -5,7 +5,8 @@ from ``requirements.lock`` + ``requirements-dev.lock``:
 
 - ``pip``: ``python3.11 -m venv .venv`` then ``.venv/bin/python -m pip install -r ... -r ...``
   (what `make setup` did before uv);
-- ``uv``: ``uv venv --seed --python python3.11 .venv`` then ``uv pip sync --python .venv/bin/python -r ... -r ...``
+- ``uv``: ``uv venv --seed --python python3.11 .venv`` then
+  ``uv pip sync --python .venv/bin/python requirements.lock requirements-dev.lock``
   (what `make setup` runs, ops/setup_venv.py).
 
 The first run of each installer (cold or lukewarm caches) is reported apart; then ``--runs``
@@ -37,7 +38,9 @@ LIST = "import importlib.metadata as m, json; print(json.dumps(sorted(f'{d.name}
 def timed(commands: list[list[str]], cwd: Path) -> float:
     started = time.perf_counter()
     for command in commands:
-        subprocess.run(command, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        result = subprocess.run(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     return time.perf_counter() - started
 
 
@@ -46,13 +49,14 @@ def install(installer: str, python: str, uv: str, repo: str, scratch: Path) -> t
     clone = scratch / f"clone-{installer}"
     shutil.rmtree(clone, ignore_errors=True)
     subprocess.run(["git", "clone", "-q", repo, str(clone)], check=True)
-    locks = [arg for lock in LOCKS for arg in ("-r", lock)]
     if installer == "pip":
+        locks = [arg for lock in LOCKS for arg in ("-r", lock)]
         commands = [[python, "-m", "venv", ".venv"], [".venv/bin/python", "-m", "pip", "install", "-q", *locks]]
     else:
-        sync = [uv, "pip", "sync", "-q", "--python", ".venv/bin/python", *locks]
+        sync = [uv, "pip", "sync", "-q", "--python", ".venv/bin/python", *LOCKS]
         commands = [[uv, "venv", "-q", "--seed", "--python", python, ".venv"], sync]
     seconds = timed(commands, clone)
+    print(f"{installer}: {seconds:.1f} s", flush=True)
     installed = json.loads(subprocess.run([".venv/bin/python", "-c", LIST], cwd=clone, check=True, capture_output=True).stdout)
     shutil.rmtree(clone)
     return seconds, installed
@@ -87,7 +91,7 @@ def main() -> None:
     sets: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-setup-", dir="/tmp") as tmp:
         scratch = Path(tmp)
-        for installer in times:  # first runs: whatever the caches held
+        for installer in ("uv", "pip"):  # first runs: whatever the caches held
             first[installer], sets[installer] = install(installer, python, args.uv, args.repo, scratch)
         for _ in range(args.runs):
             for installer in times:
