@@ -5,11 +5,12 @@ from ``requirements.lock`` + ``requirements-dev.lock``:
 
 - ``pip``: ``python3.11 -m venv .venv`` then ``.venv/bin/python -m pip install -r ... -r ...``
   (what `make setup` did before uv);
-- ``uv``: ``uv venv --seed --python python3.11 .venv`` then
-  ``uv pip sync --python .venv/bin/python requirements.lock requirements-dev.lock``
-  (what `make setup` runs, ops/setup_venv.py).
+- ``uv``: ``uv venv --seed --python python3.11 .venv`` then ``uv pip sync --compile-bytecode
+  --python .venv/bin/python requirements.lock requirements-dev.lock`` (what `make setup` runs,
+  ops/setup_venv.py; both installers then hold compiled .pyc files).
 
-The first run of each installer (cold or lukewarm caches) is reported apart; then ``--runs``
+The first run of each installer is reported apart: uv's with an empty cache of its own (as on a
+new machine), pip's with whatever its cache held (this machine's pip keeps no HTTP cache); then ``--runs``
 rounds alternate pip and uv, medians reported. Each venv's installed distributions (name and
 version, pip/setuptools/wheel included) are compared: the sets must be the same lock.
 Also timed: obtaining uv itself where the host has none (``python3 -m venv`` + ``pip install uv``).
@@ -44,7 +45,7 @@ def timed(commands: list[list[str]], cwd: Path) -> float:
     return time.perf_counter() - started
 
 
-def install(installer: str, python: str, uv: str, repo: str, scratch: Path) -> tuple[float, list[str]]:
+def install(installer: str, python: str, uv: str, repo: str, scratch: Path, cold: bool = False) -> tuple[float, list[str]]:
     """Clone ``repo`` into ``scratch``, time ``installer`` building its .venv; return seconds and what it holds."""
     clone = scratch / f"clone-{installer}"
     shutil.rmtree(clone, ignore_errors=True)
@@ -53,9 +54,17 @@ def install(installer: str, python: str, uv: str, repo: str, scratch: Path) -> t
         locks = [arg for lock in LOCKS for arg in ("-r", lock)]
         commands = [[python, "-m", "venv", ".venv"], [".venv/bin/python", "-m", "pip", "install", "-q", *locks]]
     else:
-        sync = [uv, "pip", "sync", "-q", "--python", ".venv/bin/python", *LOCKS]
+        sync = [uv, "pip", "sync", "-q", "--compile-bytecode", "--python", ".venv/bin/python", *LOCKS]
         commands = [[uv, "venv", "-q", "--seed", "--python", python, ".venv"], sync]
-    seconds = timed(commands, clone)
+    saved = os.environ.get("UV_CACHE_DIR")
+    if cold:  # an empty cache for uv (pip ignores the variable)
+        os.environ["UV_CACHE_DIR"] = str(scratch / "uv-cache-cold")
+    try:
+        seconds = timed(commands, clone)
+    finally:
+        os.environ.pop("UV_CACHE_DIR", None)
+        if saved is not None:
+            os.environ["UV_CACHE_DIR"] = saved
     print(f"{installer}: {seconds:.1f} s", flush=True)
     installed = json.loads(subprocess.run([".venv/bin/python", "-c", LIST], cwd=clone, check=True, capture_output=True).stdout)
     shutil.rmtree(clone)
@@ -92,7 +101,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-setup-", dir="/tmp") as tmp:
         scratch = Path(tmp)
         for installer in ("uv", "pip"):  # first runs: whatever the caches held
-            first[installer], sets[installer] = install(installer, python, args.uv, args.repo, scratch)
+            first[installer], sets[installer] = install(installer, python, args.uv, args.repo, scratch, cold=True)
         for _ in range(args.runs):
             for installer in times:
                 seconds, installed = install(installer, python, args.uv, args.repo, scratch)

@@ -10,8 +10,9 @@ Which Python builds the venv (TensorFlow 2.15 has no 3.12 build, and Colab, Ubun
 Debian 13 ship 3.12): $PYTHON if given, else python3.11 on PATH, else the one uv finds or
 downloads (``uv python install 3.11``), else one line saying what to do.
 
-The installer is uv: ``uv venv --seed`` (pip stays usable in the venv) and ``uv pip sync`` (exactly
-the locks), several times faster than pip from a fresh clone (BENCHMARKS.md). uv is the host's
+The installer is uv: ``uv venv --seed`` (pip stays usable in the venv) and ``uv pip sync
+--compile-bytecode`` (exactly the locks, compiled as pip does), faster than pip from a fresh clone
+(BENCHMARKS.md). uv is the host's
 where it has one (Colab does), else one pip installs into .tools/uv.
 Standard library only, no f-string or typing feature past 3.8: this runs before the venv exists.
 """
@@ -174,7 +175,9 @@ def setup(root: Path, gpu: str = "", python: str = "", dev: bool = False) -> Non
             venv.unlink()
         run([uv, "venv", "--seed", "--python", interpreter, str(venv)])
     print(f"make setup: {' + '.join(locks)} into {VENV} ({chosen_by})", flush=True)
-    run([uv, "pip", "sync", "--python", str(venv_python), *[str(root / name) for name in locks]])
+    # --compile-bytecode: as pip does; without it every import compiles the sources anew where .pyc files
+    # cannot be written (PYTHONDONTWRITEBYTECODE, as the tests set): measured, TensorFlow's import took 2-3x as long.
+    run([uv, "pip", "sync", "--compile-bytecode", "--python", str(venv_python), *[str(root / name) for name in locks]])
     (venv / STAMP).write_text(json.dumps(wanted, indent=1) + "\n")
 
 

@@ -134,7 +134,7 @@ def test_the_venv_remembers_its_set_and_a_switch_syncs_it(tmp_path: Path, monkey
     def stamp() -> dict:
         return json.loads((root / ".venv/.installed").read_text())
 
-    sync = "pip sync --python python"
+    sync = "pip sync --compile-bytecode --python python"
     assert setup() == ["venv --seed --python python3.11 .venv", f"{sync} requirements.lock"]  # no nvidia-smi: the CPU set
     assert stamp()["set"] == "cpu" and stamp()["chosen_by"] == "nvidia-smi lists 0 GPUs"
     assert setup() == []  # up to date: nothing runs
