@@ -175,6 +175,7 @@ def setup(root: Path, gpu: str = "", python: str = "", dev: bool = False) -> Non
             venv.unlink()
         run([uv, "venv", "--seed", "--python", interpreter, str(venv)])
     print(f"make setup: {' + '.join(locks)} into {VENV} ({chosen_by})", flush=True)
+    (venv / STAMP).unlink(missing_ok=True)  # a sync that fails halfway leaves a venv that holds no known set
     # --compile-bytecode: as pip does; without it every import compiles the sources anew where .pyc files
     # cannot be written (PYTHONDONTWRITEBYTECODE, as the tests set): measured, TensorFlow's import took 2-3x as long.
     run([uv, "pip", "sync", "--compile-bytecode", "--python", str(venv_python), *[str(root / name) for name in locks]])
