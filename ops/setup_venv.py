@@ -36,8 +36,8 @@ UV_VERSION = "0.13.9"  # the uv installed into .tools/uv where the host has none
 UV_HOME = ".tools/uv"
 WANTED = (3, 11)
 NO_311 = (
-    "install Python 3.11 (apt-get install python3.11-venv, pyenv install 3.11, or `uv python install 3.11` "
-    "where GitHub is reachable) and rerun, or run make setup PYTHON=/path/to/python3.11"
+    "install Python 3.11 (pyenv install 3.11, the deadsnakes PPA on Ubuntu, or `uv python install 3.11` where "
+    "GitHub is reachable) and rerun, or run make setup PYTHON=/path/to/python3.11"
 )
 
 
@@ -79,14 +79,14 @@ def choose_python(given: str, get_uv) -> str:
     found = shutil.which("python3.11")
     if found and (version_of(found) or ())[:2] == WANTED:
         return found
-    uv = get_uv()
-    located = subprocess.run([uv, "python", "find", "3.11"], capture_output=True, text=True)
+    uv = get_uv()  # --system: not a venv's python (uv would offer .venv's own, the one being rebuilt)
+    located = subprocess.run([uv, "python", "find", "--system", "3.11"], capture_output=True, text=True)
     if located.returncode != 0:
         print("make setup: no Python 3.11 here; uv python install 3.11 (a download)", flush=True)
         fetched = subprocess.run([uv, "python", "install", "3.11"], capture_output=True, text=True)
         if fetched.returncode != 0:
             raise SetupError(f"no Python 3.11 on this machine and uv could not download one ({last_line(fetched)}): {NO_311}")
-        located = subprocess.run([uv, "python", "find", "3.11"], capture_output=True, text=True)
+        located = subprocess.run([uv, "python", "find", "--system", "3.11"], capture_output=True, text=True)
     path = located.stdout.strip().splitlines()[-1] if located.returncode == 0 and located.stdout.strip() else ""
     if not path or (version_of(path) or ())[:2] != WANTED:
         raise SetupError(f"no Python 3.11 on this machine (uv found none): {NO_311}")

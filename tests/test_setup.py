@@ -58,13 +58,14 @@ def uv_stand_in(folder: Path, log: Path, found: str = "", install_ok: bool = Fal
         folder,
         "uv",
         f"""echo "$*" >> {log}
-case "$1 $2" in
-  "python find") if [ -n "{found}" ] && {{ [ "{install_ok}" = False ] || [ -e {marker} ]; }}; then echo {found}; exit 0; fi
+case "$1 $2 $3" in
+  "python find --system") if [ -n "{found}" ] && {{ [ "{install_ok}" = False ] || [ -e {marker} ]; }}
+                 then echo {found}; exit 0; fi
                  echo "error: No interpreter found for Python 3.11 in managed installations or search path" >&2; exit 2;;
-  "python install") if [ "{install_ok}" = True ]; then : > {marker}; exit 0; fi
+  "python install 3.11") if [ "{install_ok}" = True ]; then : > {marker}; exit 0; fi
                     echo "error: Failed to download https://github.com/astral-sh/python-build-standalone/...: dns" >&2
                     exit 1;;
-  "venv "*) /bin/mkdir -p "$5/bin"; printf '#!/bin/sh\\necho 3.11.9\\n' > "$5/bin/python"; /bin/chmod +x "$5/bin/python";;
+  "venv --seed "*) /bin/mkdir -p "$5/bin"; printf '#!/bin/sh\\necho 3.11.9\\n' > "$5/bin/python"; /bin/chmod +x "$5/bin/python";;
 esac""",
     )
 
@@ -89,12 +90,12 @@ def test_python_311_is_given_then_on_path_then_uvs(tmp_path: Path, monkeypatch: 
     managed = python_stand_in(tmp_path / "uv-python", "python3.11", "3.11.14")
     uv = uv_stand_in(bin_dir, log, found=str(managed))
     assert setup_venv.choose_python("", lambda: str(uv)) == str(managed)  # uv finds one: nothing downloaded
-    assert log.read_text().splitlines() == ["python find 3.11"]
+    assert log.read_text().splitlines() == ["python find --system 3.11"]
 
     log.unlink()
     uv = uv_stand_in(bin_dir, log, found=str(managed), install_ok=True)
     assert setup_venv.choose_python("", lambda: str(uv)) == str(managed)  # none found: uv downloads one
-    assert log.read_text().splitlines() == ["python find 3.11", "python install 3.11", "python find 3.11"]
+    assert log.read_text().splitlines() == ["python find --system 3.11", "python install 3.11", "python find --system 3.11"]
 
 
 def test_no_python_311_to_be_had_offline_is_one_line_with_the_fix(tmp_path: Path) -> None:
