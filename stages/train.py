@@ -11,7 +11,7 @@ ImageNet MobileNetV2 for the backbone, or nothing for a seeded scratch initialis
                             only the QAT phase); with train.resume_remote also copied to durable
                             storage after every epoch, and restored from there into a fresh clone
     reports/train/          dvclive: per-epoch train/val losses and learning rate
-    reports/timing/train/   dvclive: per-epoch seconds and training images/s (measurements)
+    reports/timing/train/   dvclive: per-epoch seconds and training images/s, and the device line (measurements)
 
 With train.distribution_strategy: multi_worker_mirrored only the chief writes these; other
 workers train in step with it and discard what they write (trafficdet/distribute.py).
@@ -27,6 +27,7 @@ from typing import Any
 
 import trafficdet.modelmaker as mm
 from trafficdet.architectures import IMAGENET, START_POINTS
+from trafficdet.device import check_device_params, device_line, use_device
 from trafficdet.distribute import (
     Distribution,
     auto_shard_options,
@@ -54,6 +55,7 @@ def validate(params: TrainParams, train_size: int, val_size: int) -> Distributio
         if batch > train_size and (key == "batch_size" or params.qat.enabled):
             raise PipelineError(f"params.yaml train.{key}: {batch} is larger than the training set ({train_size} images)")
     plan = plan_distribution(params)  # TF_CONFIG first: it is the one a multi-worker user meets first
+    check_device_params(params)
     start_point(params)
     check_batches(params, plan, val_size)
     if params.qat.enabled and params.mixed_precision != "off":
@@ -121,8 +123,6 @@ def train(params: TrainParams) -> dict[str, Any]:
     train_info, val_info = mm.cache_record("train"), mm.cache_record("val")
     plan = validate(params, train_info["size"], val_info["size"])
     warning = leakage_warning(params, val_info)
-    if warning and plan.chief:
-        print(warning, flush=True)
     current = owner(params, [train_info, val_info])
     remote = ResumeRemote(params.resume_remote) if params.resume_remote else None
     if remote and plan.chief:  # bad credentials, an unmounted drive, another run's state: before TensorFlow starts
@@ -131,7 +131,12 @@ def train(params: TrainParams) -> dict[str, Any]:
     mm.quiet_tensorflow()
     import tensorflow as tf
 
-    strategy = make_strategy(plan, params)  # first: nothing may touch TensorFlow's runtime before it
+    use_device(params)  # stops if nvidia-smi lists a GPU TensorFlow cannot use; hides GPUs for train.device: cpu
+    strategy = make_strategy(plan, params)  # no op may run before it (use_device only configures)
+    device = device_line(strategy, params, plan)
+    print(f"train: {device}", flush=True)  # the first line: what it trains on
+    if warning and plan.chief:
+        print(warning, flush=True)
     if params.mixed_precision == "float16" and not tf.config.list_physical_devices("GPU"):
         raise PipelineError(
             "params.yaml train.mixed_precision: float16 needs a GPU (TensorFlow sees none here); "
@@ -180,7 +185,7 @@ def train(params: TrainParams) -> dict[str, Any]:
             detector = mm.build_detector(params.architecture, out / "init", labels, hparams, params.l2_weight_decay, out)
             mm.set_strategy(detector, strategy)
             history = make_history_callback(
-                live_dir, timing_dir, state_dir / "history.json", train_info["size"], params.epochs, params.batch_size
+                live_dir, timing_dir, state_dir / "history.json", train_info["size"], params.epochs, params.batch_size, device
             )
             callbacks = [history, tf.keras.callbacks.BackupAndRestore(str(state_dir / "backup"))]
             mm.set_callbacks(detector, callbacks + ([make_push_callback(pusher, state_dir)] if pusher else []))

@@ -112,12 +112,15 @@ print("result", len(theirs[0]), same, reshuffled)
 @pytest.mark.slow
 def test_bfloat16_and_a_larger_batch_train_and_evaluate(cached_repo: Path, tmp_path: Path) -> None:  # noqa: F811
     """bfloat16 and a doubled batch in one short run: both read back from the trained model, the run prints and
-    logs its time estimate, and the checkpoint evaluates (COCO metrics) in float32."""
+    logs its time estimate, its first line says what it trains on (recorded with the timings), and the
+    checkpoint evaluates (COCO metrics) in float32."""
     repo = copy_of(cached_repo, tmp_path / "repo")
     for key, value in {"mixed_precision": "bfloat16", "batch_size": 8, "epochs": 2}.items():
         set_param(repo, "train", key, value)
     out = run([sys.executable, "-m", "stages.train"], repo).stdout
     summary = json.loads((repo / "models/train/train.json").read_text())
+    device = f"CPU only, {len(os.sched_getaffinity(0))} cores, bfloat16, global batch 8"
+    assert out.splitlines()[0] == f"train: {device}", out
     assert summary["speed"] == {
         "compute_dtype": "bfloat16",
         "jit_compile": False,
@@ -135,6 +138,8 @@ def test_bfloat16_and_a_larger_batch_train_and_evaluate(cached_repo: Path, tmp_p
     assert "ends ~" in estimates[0] and "validation included" in estimates[1]
     timing = json.loads((repo / "reports/timing/train/metrics.json").read_text())
     assert timing["estimate"]["epochs_left"] == 1 and timing["estimate"]["images_per_s"] > 0
+    assert timing["device"] == device  # a fact of the machine: with the timings, not in models/train
+    assert "CPU only" not in (repo / "models/train/train.json").read_text()
     assert "estimate" not in (repo / "reports/train/metrics.json").read_text()
 
     code = """

@@ -31,11 +31,18 @@ def clock(seconds_from_now: float) -> str:
 
 
 def make_history_callback(
-    live_dir: Path, timing_dir: Path, history_file: Path, train_images: int, epochs: int = 1, batch_size: int = 1
+    live_dir: Path,
+    timing_dir: Path,
+    history_file: Path,
+    train_images: int,
+    epochs: int = 1,
+    batch_size: int = 1,
+    device: str = "",
 ) -> Any:
     """A Keras callback that logs each epoch once to dvclive: losses and learning rate in
     ``live_dir``, seconds and images/s (measurements, not a function of the inputs) in ``timing_dir``.
 
+    ``device`` (what trains, trafficdet/device.py) is logged in ``timing_dir`` with the machine's other facts.
     It also says how long training will take (``estimate``): after the first few steps (from
     the steady rate of training steps) and again after the first epoch (with validation).
 
@@ -118,6 +125,9 @@ def make_history_callback(
             shutil.rmtree(timing_dir, ignore_errors=True)
             self.live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
             self.timing = Live(str(timing_dir), dvcyaml=False, save_dvc_exp=False)
+            if device:
+                self.timing.log_metric("device", device, plot=False)
+                self.timing.make_summary()
             for record in self.history:
                 self._log(record)
 

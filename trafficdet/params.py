@@ -134,6 +134,7 @@ class TrainParams(Section):
             description="'' (off), an absolute folder path or a URL such as s3://bucket/prefix",
         ),
     ]
+    device: Literal["auto", "gpu", "cpu"]
 
     @field_validator("distribution_strategy", "mixed_precision", mode="before")
     @classmethod
