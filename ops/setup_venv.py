@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dev", action="store_true", help="also requirements-dev.lock (make test)")
     parser.add_argument("--print-python", action="store_true", help="only print the Python 3.11 make setup would use")
     args = parser.parse_args(argv)
+    # uv trusts its own bundled roots unless told otherwise; the platform's store also holds a proxy's or a
+    # company's CA (measured here: without SSL_CERT_FILE, uv failed with UnknownIssuer where pip worked).
+    os.environ.setdefault("UV_SYSTEM_CERTS", "1")
     try:
         if args.gpu not in ("", "0", "1"):
             raise SetupError(f"GPU={args.gpu}: use GPU=1 (the GPU set), GPU=0 (the CPU set), or leave it unset (detect)")
