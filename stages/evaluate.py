@@ -51,7 +51,8 @@ METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"]
 def coco_evaluate(ground_truth: dict[str, Any], detections: list[dict[str, Any]], backend: str = "pycocotools") -> dict[str, Any]:
     """COCO bbox metrics, overall and per class, with the per-class PR curves at IoU 0.5.
 
-    -1 means undefined, as in pycocotools (e.g. APs when there are no small objects). The
+    -1 means undefined, as in pycocotools (e.g. APs when there are no small objects), also
+    when there is no detection at all (a class with ground truth then scores 0). The
     ground truth goes to COCOeval as it is: its ``iscrowd: 1`` regions make detections
     matched to them ignored (neither true nor false positives), its ``area`` sets the
     small/medium/large ranges.
@@ -63,13 +64,6 @@ def coco_evaluate(ground_truth: dict[str, Any], detections: list[dict[str, Any]]
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
     names = {c["id"]: c["name"] for c in ground_truth["categories"]}
-    empty = {
-        "overall": dict.fromkeys(METRICS, 0.0),
-        "per_class": {n: {"AP": 0.0, "AP50": 0.0} for n in names.values()},
-        "pr": {n: [] for n in names.values()},
-    }
-    if not detections:
-        return empty
     with contextlib.redirect_stdout(io.StringIO()):  # both libraries print as they go
         gt = COCO()
         gt.dataset = copy.deepcopy(ground_truth)
@@ -78,7 +72,12 @@ def coco_evaluate(ground_truth: dict[str, Any], detections: list[dict[str, Any]]
         for number, ann in enumerate(gt.dataset["annotations"], start=1):
             ann["id"] = number
         gt.createIndex()
-        dt = gt.loadRes(copy.deepcopy(detections))
+        if detections:
+            dt = gt.loadRes(copy.deepcopy(detections))
+        else:  # pycocotools' loadRes fails on an empty list; no detection still scores (0, or -1 where undefined)
+            dt = COCO()
+            dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []}
+            dt.createIndex()
         evaluator = COCOeval(gt, dt, "bbox")
         evaluator.evaluate()
         evaluator.accumulate()
