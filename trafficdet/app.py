@@ -4,10 +4,10 @@ Model Maker trains and evaluates on letterboxed images: the frame scaled to fit 
 model's square input with its aspect ratio kept, placed top-left, the rest filled with
 the normalisation mean (0 after normalising, pixel value 127.5). MediaPipe Tasks'
 ObjectDetector instead stretches whatever frame it is given to the model's size. So the
-app pads each frame to a max(W, H) square first (image top-left, grey 128): Tasks'
-stretch of that square is then the letterbox the model was trained on, and since the
-image sits at the origin its boxes come back in the frame's own pixels (clip them to
-the frame). Measured on the demo model: see docs/app.md.
+app pads each frame to a max(W, H) square first (image top-left, grey 128, the nearest
+8-bit value to 127.5): Tasks' stretch of that square is then the letterbox the model was
+trained on, and since the image sits at the origin its boxes come back in the frame's own
+pixels (clip them to the frame). Measured on the demo model: see docs/app.md.
 
 The file ends in the Keras model's own detection step (trafficdet/tflite_model.py), so Tasks
 adds no post-processing of its own and no option is needed.
@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
-PAD_VALUE = 128  # grey: the model's normalisation mean (127.5), what Model Maker's letterbox pads with
+# Grey: the 8-bit value nearest the normalisation mean. Model Maker's letterbox pads with the mean itself
+# (127.5 as a pixel, 0 after normalising), which no uint8 frame can hold; 128 is 0.004 after normalising.
+PAD_VALUE = 128
 
 # What models/metadata.json tells the app developer (and the model card repeats).
 INPUT_CONTRACT = {
