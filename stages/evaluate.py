@@ -1,9 +1,10 @@
 """evaluate: COCO metrics of the trained Keras model and of the shipped TFLite file.
 
 (a) the Keras model restored from models/train, fed by Model Maker's own eval pipeline
-    over data/cache/val; (b) models/model.tflite run through MediaPipe Tasks'
-    ObjectDetector over the validation images, as the app runs it (trafficdet/app.py:
-    letterbox to a square, background denied, boxes clipped to the frame). Both are scored by
+    over data/cache/val, its boxes clipped by the app's rule (``keras_batch_detections``);
+(b) models/model.tflite run through MediaPipe Tasks' ObjectDetector over the validation
+    images, as the app runs it (trafficdet/app.py: letterbox to a square, background denied,
+    boxes clipped to the frame). Both are scored by
     pycocotools' COCOeval (or faster-coco-eval, which gives identical numbers) against
     data/split/val/labels.json. Writes, with dvclive, reports/evaluate/:
     metrics.json                          the headline (DVC metrics, `dvc exp show` columns):
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from trafficdet.app import AppDetector, read_frame
+from trafficdet.app import AppDetector, clip_box, read_frame
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.io import atomic_dir, read_json, remove_stale_temps, write_bytes, write_json
 from trafficdet.model_card import render as render_model_card
@@ -110,23 +111,35 @@ def keras_detections(detector: Any, batch_size: int) -> tuple[list[dict[str, Any
     losses = model.evaluate(dataset, return_dict=True, verbose=0)
     detections = []
     for x, y in dataset:
-        pred = model(x, anchor_boxes=y["anchor_boxes"], image_shape=y["image_info"][:, 1, :], training=False)
-        boxes, scores = pred["detection_boxes"].numpy(), pred["detection_scores"].numpy()
-        classes, counts = pred["detection_classes"].numpy(), pred["num_detections"].numpy()
-        info, ids = y["image_info"].numpy(), y["groundtruths"]["source_id"].numpy()
-        for b in range(len(ids)):
-            scale_y, scale_x = info[b, 2]  # image_info rows: original size, scaled size, scale, offset
-            for i in range(int(counts[b])):
-                ymin, xmin, ymax, xmax = boxes[b, i] / [scale_y, scale_x, scale_y, scale_x]
-                detections.append(
-                    {
-                        "image_id": int(ids[b]),
-                        "category_id": int(classes[b, i]),
-                        "score": float(scores[b, i]),
-                        "bbox": [float(xmin), float(ymin), float(xmax - xmin), float(ymax - ymin)],
-                    }
-                )
+        detections += keras_batch_detections(model, x, y)
     return detections, {f"val_{name}": float(value) for name, value in losses.items()}
+
+
+def keras_batch_detections(model: Any, x: Any, y: Any) -> list[dict[str, Any]]:
+    """The Keras model's detections of one batch of Model Maker's eval pipeline, boxes clipped as the app's are.
+
+    One clipping rule for the Keras model and the shipped file (tests/test_training.py checks
+    they agree): the decoded boxes are clipped to the model's whole input square before NMS,
+    which is all the file can do (Tasks hands it the letterboxed square and nothing says
+    where the frame ends inside it); ``image_info`` row 1 is that square (Model Maker's
+    output size, not the size of the image scaled into it). After NMS each box is mapped
+    back to the frame and clipped to it, and one wholly in the padding is dropped, as
+    ``trafficdet.app.AppDetector`` does.
+    """
+    pred = model(x, anchor_boxes=y["anchor_boxes"], image_shape=y["image_info"][:, 1, :], training=False)
+    boxes, scores = pred["detection_boxes"].numpy(), pred["detection_scores"].numpy()
+    classes, counts = pred["detection_classes"].numpy(), pred["num_detections"].numpy()
+    info, ids = y["image_info"].numpy(), y["groundtruths"]["source_id"].numpy()
+    detections = []
+    for b in range(len(ids)):
+        (height, width), (scale_y, scale_x) = info[b, 0], info[b, 2]  # rows: original size, square, scale, offset
+        for i in range(int(counts[b])):
+            ymin, xmin, ymax, xmax = boxes[b, i] / [scale_y, scale_x, scale_y, scale_x]
+            clipped = clip_box(xmin, ymin, xmax - xmin, ymax - ymin, int(width), int(height))
+            if clipped is not None:
+                found = {"image_id": int(ids[b]), "category_id": int(classes[b, i]), "score": float(scores[b, i])}
+                detections.append({**found, "bbox": list(clipped)})
+    return detections
 
 
 def tflite_detections(model: Path, ground_truth: dict[str, Any], image_dir: Path, max_results: int) -> list[dict[str, Any]]:
