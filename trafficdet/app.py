@@ -41,6 +41,7 @@ INPUT_CONTRACT = {
     "runtime": "MediaPipe Tasks ObjectDetector (mediapipe 0.10.21), running_mode IMAGE/VIDEO/LIVE_STREAM",
     "options": {},
     "boxes": "in the padded square's pixels, which are the frame's pixels: clip them to the frame (width x height)",
+    "classes": "one box can carry several categories (kept for each class by the model's per-class NMS): each is a detection",
 }
 
 
@@ -110,15 +111,22 @@ class AppDetector:
         self._detector.close()
 
     def detect(self, frame: np.ndarray) -> list[Detection]:
-        """Detections in ``frame`` (H x W x 3 uint8 RGB): letterbox, Tasks, boxes clipped to the frame."""
+        """Detections in ``frame`` (H x W x 3 uint8 RGB): letterbox, Tasks, boxes clipped to the frame.
+
+        The file's NMS is per class, so one box can be kept for several classes (a truck also
+        scored as a car). Tasks hands those back as one detection whose ``categories`` list
+        every class, best first: each category is a detection of its own, as in the Keras
+        model (taking only the first lost a quarter of the demo's detections).
+        """
         import mediapipe as mp
 
         height, width = frame.shape[:2]
         square = mp.Image(image_format=mp.ImageFormat.SRGB, data=letterbox(frame))
         detections = []
         for found in self._detector.detect(square).detections:
-            box, top = found.bounding_box, found.categories[0]
+            box = found.bounding_box
             clipped = clip_box(box.origin_x, box.origin_y, box.width, box.height, width, height)
-            if clipped is not None:  # a box wholly in the padding
-                detections.append(Detection(top.category_name, float(top.score), clipped))
-        return detections
+            if clipped is None:  # a box wholly in the padding
+                continue
+            detections += [Detection(category.category_name, float(category.score), clipped) for category in found.categories]
+        return sorted(detections, key=lambda detection: -detection.score)

@@ -43,7 +43,8 @@ def render(metadata: dict[str, Any], keras: dict[str, Any], tflite: dict[str, An
         "3. Run it through MediaPipe Tasks' ObjectDetector; no option is needed (the model does its own NMS, "
         "per class, as the Keras model does); pick your own `score_threshold`.",
         "4. Boxes come back in the square's pixels, which are the frame's pixels (the frame sits at the origin): "
-        "clip them to W x H and drop any left empty.",
+        "clip them to W x H and drop any left empty. A box can carry several categories (the model keeps it for "
+        "each class it scores): each category is a detection.",
         "",
         "Reference implementation: `trafficdet/app.py` (`letterbox`, `AppDetector`). Feeding the raw frame "
         "instead (Tasks then stretches it) costs accuracy: see docs/app.md.",
