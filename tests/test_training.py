@@ -274,7 +274,7 @@ def run_file(interpreter, image):
     return [((boxes[i] * 1.0).tolist(), int(classes[i]) + 1, float(scores[i])) for i in range(int(count))]
 converted = tf.lite.Interpreter(model_content=convert(detector))
 converted.allocate_tensors()
-images = non_square = total = crossing = mismatched = 0
+images = non_square = total = crossing = mismatched = other_rule = 0
 worst_score = worst_box = 0.0
 squares, labels = [], json.loads((TRAINED / "train.json").read_text())["labels"]  # background first
 batch_size = load(EvaluateParams).batch_size
@@ -282,6 +282,8 @@ for x, y in load_dataset("val").gen_tf_dataset(batch_size, is_training=False, pr
     info = y["image_info"].numpy()
     assert (info[:, 1] == x.shape[1:3]).all()  # image_info row 1 is the model's square: Keras clips to it, as the file
     keras = keras_batch_detections(model, x, y)
+    # The other rule, to show the comparison sees it: clipped to the image inside the letterbox before NMS.
+    inside = model(x, anchor_boxes=y["anchor_boxes"], image_shape=info[:, 0] * info[:, 2], training=False)
     for b, image_id in enumerate(y["groundtruths"]["source_id"].numpy()):
         height, width = (int(v) for v in info[b, 0])
         images, non_square = images + 1, non_square + (height != width)
@@ -294,13 +296,15 @@ for x, y in load_dataset("val").gen_tf_dataset(batch_size, is_training=False, pr
                 found.append((category, score, box))
         ours = [(d["category_id"], d["score"], d["bbox"]) for d in keras if d["image_id"] == int(image_id)]
         total += len(ours)
+        n = int(inside["num_detections"][b])
+        other_rule += n != len(found) or not np.allclose(inside["detection_scores"][b, :n], [s for _, s, _ in found], atol=1e-5)
         if [c for c, _, _ in ours] != [c for c, _, _ in found]:
             mismatched += 1
             continue
         worst_score = max([worst_score] + [abs(a[1] - b[1]) for a, b in zip(ours, found)])
         worst_box = max([worst_box] + [abs(p - q) for a, b in zip(ours, found) for p, q in zip(a[2], b[2])])
         squares.append(np.clip(np.round(x[b].numpy() * 127.5 + 127.5), 0, 255).astype(np.uint8))  # 8-bit, for Tasks
-print("keras-check", images, non_square, total, crossing, mismatched, worst_score, worst_box, flush=True)
+print("keras-check", images, non_square, total, crossing, mismatched, worst_score, worst_box, other_rule, flush=True)
 file = Path(tempfile.mkdtemp()) / "model.tflite"  # as export writes it (float32), whatever export ran last
 file.write_bytes(with_metadata(convert(detector), detector, labels[1:])[0])
 shipped = tf.lite.Interpreter(model_path=str(file))
@@ -326,12 +330,14 @@ with AppDetector(file, max_results=100, score_threshold=0.0) as app:
 print("tasks-check", len(squares), app_total, app_mismatched, app_worst_score, app_worst_box)
 """
     printed = run([sys.executable, "-c", code], learned_repo).stdout
-    images, non_square, total, crossing, mismatched, worst_score, worst_box = printed.split("keras-check")[-1].split()[:7]
+    checked = printed.split("keras-check")[-1].split()[:8]
+    images, non_square, total, crossing, mismatched, worst_score, worst_box, other_rule = checked
     assert int(non_square) == int(images) > 0  # every validation frame is 4:3: the letterbox has padding
     assert int(total) > 100  # a model that learned detects things (the untrained one: nothing above 0.05)
     assert int(crossing) > 0  # boxes ran into the padding: the rule after NMS was exercised
     assert int(mismatched) == 0, f"{mismatched} validation images differ in count or classes"
     assert float(worst_score) < 1e-5 and float(worst_box) < 0.01, printed  # box: frame pixels
+    assert int(other_rule) > 0  # clipped inside the letterbox before NMS, Keras would differ (measured: 3 of 7 images)
     frames, app_total, app_mismatched, app_worst_score, app_worst_box = printed.split("tasks-check")[-1].split()
     assert int(frames) == int(images) and int(app_total) > 100
     assert int(app_mismatched) == 0, f"{app_mismatched} frames: the app's detections differ from the file's in count or classes"
