@@ -85,14 +85,14 @@ def detections(model: Path, ground_truth: dict, images: Path, geometry: str, dec
                 dy = dx = 0
             result = detector.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=square))
             for detection in result.detections:
-                box, top = detection.bounding_box, detection.categories[0]
+                box = detection.bounding_box
                 clipped = clip_box(box.origin_x - dx, box.origin_y - dy, box.width, box.height, width, height)
-                if clipped is not None:
+                for category in detection.categories if clipped is not None else []:  # each: see AppDetector.detect
                     found.append(
                         {
                             "image_id": image["id"],
-                            "category_id": ids[top.category_name],
-                            "score": top.score,
+                            "category_id": ids[category.category_name],
+                            "score": category.score,
                             "bbox": list(clipped),
                         }
                     )

@@ -1,9 +1,10 @@
 """evaluate: COCO metrics of the trained Keras model and of the shipped TFLite file.
 
 (a) the Keras model restored from models/train, fed by Model Maker's own eval pipeline
-    over data/cache/val; (b) models/model.tflite run through MediaPipe Tasks'
-    ObjectDetector over the validation images, as the app runs it (trafficdet/app.py:
-    letterbox to a square, background denied, boxes clipped to the frame). Both are scored by
+    over data/cache/val, its boxes clipped by the app's rule (``keras_batch_detections``);
+(b) models/model.tflite run through MediaPipe Tasks' ObjectDetector over the validation
+    images, as the app runs it (trafficdet/app.py: letterbox to a square, background denied,
+    boxes clipped to the frame). Both are scored by
     pycocotools' COCOeval (or faster-coco-eval, which gives identical numbers) against
     data/split/val/labels.json. Writes, with dvclive, reports/evaluate/:
     metrics.json                          the headline (DVC metrics, `dvc exp show` columns):
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from trafficdet import confusion
-from trafficdet.app import AppDetector, read_frame
+from trafficdet.app import AppDetector, clip_box, read_frame
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.io import atomic_dir, read_json, remove_stale_temps, write_bytes, write_json
 from trafficdet.model_card import render as render_model_card
@@ -61,7 +62,8 @@ CONFUSION_IOU = 0.5  # a detection and an object are a pair at COCO's AP50 overl
 def coco_evaluate(ground_truth: dict[str, Any], detections: list[dict[str, Any]], backend: str = "pycocotools") -> dict[str, Any]:
     """COCO bbox metrics, overall and per class, with the per-class PR curves at IoU 0.5.
 
-    -1 means undefined, as in pycocotools (e.g. APs when there are no small objects). The
+    -1 means undefined, as in pycocotools (e.g. APs when there are no small objects), also
+    when there is no detection at all (a class with ground truth then scores 0). The
     ground truth goes to COCOeval as it is: its ``iscrowd: 1`` regions make detections
     matched to them ignored (neither true nor false positives), its ``area`` sets the
     small/medium/large ranges.
@@ -73,13 +75,6 @@ def coco_evaluate(ground_truth: dict[str, Any], detections: list[dict[str, Any]]
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
     names = {c["id"]: c["name"] for c in ground_truth["categories"]}
-    empty = {
-        "overall": dict.fromkeys(METRICS, 0.0),
-        "per_class": {n: {"AP": 0.0, "AP50": 0.0} for n in names.values()},
-        "pr": {n: [] for n in names.values()},
-    }
-    if not detections:
-        return empty
     with contextlib.redirect_stdout(io.StringIO()):  # both libraries print as they go
         gt = COCO()
         gt.dataset = copy.deepcopy(ground_truth)
@@ -88,7 +83,12 @@ def coco_evaluate(ground_truth: dict[str, Any], detections: list[dict[str, Any]]
         for number, ann in enumerate(gt.dataset["annotations"], start=1):
             ann["id"] = number
         gt.createIndex()
-        dt = gt.loadRes(copy.deepcopy(detections))
+        if detections:
+            dt = gt.loadRes(copy.deepcopy(detections))
+        else:  # pycocotools' loadRes fails on an empty list; no detection still scores (0, or -1 where undefined)
+            dt = COCO()
+            dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []}
+            dt.createIndex()
         evaluator = COCOeval(gt, dt, "bbox")
         evaluator.evaluate()
         evaluator.accumulate()
@@ -121,23 +121,35 @@ def keras_detections(detector: Any, batch_size: int) -> tuple[list[dict[str, Any
     losses = model.evaluate(dataset, return_dict=True, verbose=0)
     detections = []
     for x, y in dataset:
-        pred = model(x, anchor_boxes=y["anchor_boxes"], image_shape=y["image_info"][:, 1, :], training=False)
-        boxes, scores = pred["detection_boxes"].numpy(), pred["detection_scores"].numpy()
-        classes, counts = pred["detection_classes"].numpy(), pred["num_detections"].numpy()
-        info, ids = y["image_info"].numpy(), y["groundtruths"]["source_id"].numpy()
-        for b in range(len(ids)):
-            scale_y, scale_x = info[b, 2]  # image_info rows: original size, scaled size, scale, offset
-            for i in range(int(counts[b])):
-                ymin, xmin, ymax, xmax = boxes[b, i] / [scale_y, scale_x, scale_y, scale_x]
-                detections.append(
-                    {
-                        "image_id": int(ids[b]),
-                        "category_id": int(classes[b, i]),
-                        "score": float(scores[b, i]),
-                        "bbox": [float(xmin), float(ymin), float(xmax - xmin), float(ymax - ymin)],
-                    }
-                )
+        detections += keras_batch_detections(model, x, y)
     return detections, {f"val_{name}": float(value) for name, value in losses.items()}
+
+
+def keras_batch_detections(model: Any, x: Any, y: Any) -> list[dict[str, Any]]:
+    """The Keras model's detections of one batch of Model Maker's eval pipeline, boxes clipped as the app's are.
+
+    One clipping rule for the Keras model and the shipped file (tests/test_training.py checks
+    they agree): the decoded boxes are clipped to the model's whole input square before NMS,
+    which is all the file can do (Tasks hands it the letterboxed square and nothing says
+    where the frame ends inside it); ``image_info`` row 1 is that square (Model Maker's
+    output size, not the size of the image scaled into it). After NMS each box is mapped
+    back to the frame and clipped to it, and one wholly in the padding is dropped, as
+    ``trafficdet.app.AppDetector`` does.
+    """
+    pred = model(x, anchor_boxes=y["anchor_boxes"], image_shape=y["image_info"][:, 1, :], training=False)
+    boxes, scores = pred["detection_boxes"].numpy(), pred["detection_scores"].numpy()
+    classes, counts = pred["detection_classes"].numpy(), pred["num_detections"].numpy()
+    info, ids = y["image_info"].numpy(), y["groundtruths"]["source_id"].numpy()
+    detections = []
+    for b in range(len(ids)):
+        (height, width), (scale_y, scale_x) = info[b, 0], info[b, 2]  # rows: original size, square, scale, offset
+        for i in range(int(counts[b])):
+            ymin, xmin, ymax, xmax = boxes[b, i] / [scale_y, scale_x, scale_y, scale_x]
+            clipped = clip_box(xmin, ymin, xmax - xmin, ymax - ymin, int(width), int(height))
+            if clipped is not None:
+                found = {"image_id": int(ids[b]), "category_id": int(classes[b, i]), "score": float(scores[b, i])}
+                detections.append({**found, "bbox": list(clipped)})
+    return detections
 
 
 def tflite_detections(model: Path, ground_truth: dict[str, Any], image_dir: Path, max_results: int) -> list[dict[str, Any]]:

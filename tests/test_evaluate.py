@@ -42,7 +42,7 @@ def test_perfect_detections_score_one() -> None:
     assert len(result["pr"]["bus"]) == 101 and result["pr"]["bus"][-1] == {"recall": 1.0, "precision": pytest.approx(1.0)}
 
 
-def test_wrong_class_scores_zero_for_that_class_and_no_detections_is_zero() -> None:
+def test_wrong_class_scores_zero_for_that_class() -> None:
     gt = ground_truth()
     detections = [
         {"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9 if a["category_id"] == 1 else 0.5}
@@ -50,8 +50,25 @@ def test_wrong_class_scores_zero_for_that_class_and_no_detections_is_zero() -> N
     ]  # buses called cars, ranked below the real cars
     result = coco_evaluate(gt, detections, "pycocotools")
     assert result["per_class"]["bus"]["AP"] == 0.0 and result["per_class"]["car"]["AP"] == pytest.approx(1.0)
-    empty = coco_evaluate(gt, [], "pycocotools")
-    assert set(empty["overall"]) == set(METRICS) and not any(empty["overall"].values())
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_no_detections_score_as_pycocotools_scores_useless_ones(backend: str) -> None:
+    """0 where there is ground truth to miss, -1 where a number is undefined (no small or large object,
+    a class with no box), as pycocotools says for a detection that matches nothing."""
+    gt = ground_truth(10)
+    gt["categories"].append({"id": 3, "name": "truck"})  # no truck in the ground truth
+    for ann in gt["annotations"]:  # every object medium-sized: APs and APl undefined
+        ann["area"] = 50.0**2
+    empty = coco_evaluate(gt, [], backend)
+    miss = [{"image_id": 1, "category_id": 1, "bbox": [300.0, 200.0, 10.0, 10.0], "score": 0.01}]
+    for box in (a["bbox"] for a in gt["annotations"] if a["image_id"] == 1):
+        assert box[0] + box[2] < 300 or box[1] + box[3] < 200  # the miss overlaps nothing
+    useless = coco_evaluate(gt, miss, "pycocotools")
+    assert empty["overall"] == useless["overall"] and empty["per_class"] == useless["per_class"]
+    assert set(empty["overall"]) == set(METRICS)
+    assert empty["overall"]["AP"] == 0.0 and empty["overall"]["APs"] == -1 and empty["overall"]["APl"] == -1
+    assert empty["per_class"]["truck"] == {"AP": -1.0, "AP50": -1.0} and empty["per_class"]["bus"] == {"AP": 0.0, "AP50": 0.0}
 
 
 def test_faster_coco_eval_gives_pycocotools_numbers() -> None:

@@ -4,10 +4,10 @@ Model Maker trains and evaluates on letterboxed images: the frame scaled to fit 
 model's square input with its aspect ratio kept, placed top-left, the rest filled with
 the normalisation mean (0 after normalising, pixel value 127.5). MediaPipe Tasks'
 ObjectDetector instead stretches whatever frame it is given to the model's size. So the
-app pads each frame to a max(W, H) square first (image top-left, grey 128): Tasks'
-stretch of that square is then the letterbox the model was trained on, and since the
-image sits at the origin its boxes come back in the frame's own pixels (clip them to
-the frame). Measured on the demo model: see docs/app.md.
+app pads each frame to a max(W, H) square first (image top-left, grey 128, the nearest
+8-bit value to 127.5): Tasks' stretch of that square is then the letterbox the model was
+trained on, and since the image sits at the origin its boxes come back in the frame's own
+pixels (clip them to the frame). Measured on the demo model: see docs/app.md.
 
 The file ends in the Keras model's own detection step (trafficdet/tflite_model.py), so Tasks
 adds no post-processing of its own and no option is needed.
@@ -27,7 +27,9 @@ import numpy as np
 
 from trafficdet.errors import PipelineError
 
-PAD_VALUE = 128  # grey: the model's normalisation mean (127.5), what Model Maker's letterbox pads with
+# Grey: the 8-bit value nearest the normalisation mean. Model Maker's letterbox pads with the mean itself
+# (127.5 as a pixel, 0 after normalising), which no uint8 frame can hold; 128 is 0.004 after normalising.
+PAD_VALUE = 128
 
 # What models/metadata.json tells the app developer (and the model card repeats).
 INPUT_CONTRACT = {
@@ -41,6 +43,7 @@ INPUT_CONTRACT = {
     "runtime": "MediaPipe Tasks ObjectDetector (mediapipe 0.10.21), running_mode IMAGE/VIDEO/LIVE_STREAM",
     "options": {},
     "boxes": "in the padded square's pixels, which are the frame's pixels: clip them to the frame (width x height)",
+    "classes": "one box can carry several categories (kept for each class by the model's per-class NMS): each is a detection",
 }
 
 
@@ -152,14 +155,22 @@ class AppDetector:
 
     @staticmethod
     def _in_frame(frame: np.ndarray, result: Any) -> list[Detection]:
+        """Tasks' ``result`` as detections in ``frame``'s pixels, best first.
+
+        The file's NMS is per class, so one box can be kept for several classes (a truck also
+        scored as a car). Tasks hands those back as one detection whose ``categories`` list
+        every class: each category is a detection of its own, as in the Keras model (taking
+        only the first lost a quarter of the demo's detections).
+        """
         height, width = frame.shape[:2]
         detections = []
         for found in result.detections:
-            box, top = found.bounding_box, found.categories[0]
+            box = found.bounding_box
             clipped = clip_box(box.origin_x, box.origin_y, box.width, box.height, width, height)
-            if clipped is not None:  # a box wholly in the padding
-                detections.append(Detection(top.category_name, float(top.score), clipped))
-        return detections
+            if clipped is None:  # a box wholly in the padding
+                continue
+            detections += [Detection(category.category_name, float(category.score), clipped) for category in found.categories]
+        return sorted(detections, key=lambda detection: -detection.score)
 
 
 def _square(frame: np.ndarray) -> Any:

@@ -85,7 +85,8 @@ def render(
         "per class, as the Keras model does); pick your own `score_threshold` "
         f"(the file returns nothing below {floor:g} anyway).",
         "4. Boxes come back in the square's pixels, which are the frame's pixels (the frame sits at the origin): "
-        "clip them to W x H and drop any left empty.",
+        "clip them to W x H and drop any left empty. A box can carry several categories (the model keeps it for "
+        "each class it scores): each category is a detection.",
         "",
         "Reference implementation: `trafficdet/app.py` (`letterbox`, `AppDetector`). Feeding the raw frame "
         "instead (Tasks then stretches it) costs accuracy: see docs/app.md.",

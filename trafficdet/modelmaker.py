@@ -235,11 +235,12 @@ def create_model(
     the whole batch; so the model loss is re-normalised by the all-reduced count (as
     tf-models' RetinaNet task does) and the L2 term, which every replica adds, divided by N.
     Measured, one step of 32 images from the same weights: 2 CPU replicas moved the backbone
-    and decoder 1.98x as far as one device without any rescaling. One step on one fixed batch
-    of 8 (bench/experiment_replica_step.py): a plain division by N gave an update 1.0027x as
-    long as one device's, relative difference 0.127; this rescaling 0.9995x, 0.102. What is
-    left is not the loss: the head's updates agree to 0.1%, the backbone's differ by ~10%
-    throughout, so it enters through the synchronized BatchNorm's backward pass (not resolved).
+    and decoder 1.98x as far as one device without any rescaling. With this rescaling the
+    2-replica step is the one-device step: in float64 they agree to 8e-12 (one step,
+    bench/experiment_replica_step.py, BENCHMARKS.md). In float32 they differ by ~13%, as one
+    device differs from itself with the batch's halves swapped (10%) and from the exact step
+    (13%): float32 rounding, growing from the head (4%) down through the BatchNorm layers, not
+    the replicas. It turns the step and keeps its length (tests/test_distribute.py bounds both).
 
     ``mixed_precision`` (``float16`` or ``bfloat16``) must already be Keras' global policy (see
     ``precision_policy``): the layers compute in it, and the model's outputs are cast to float32

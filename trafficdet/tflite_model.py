@@ -55,11 +55,10 @@ def detection_function(detector: Any) -> Any:
 
     network = retinanet(detector)
     generator = network.detection_generator
-    settings = detection_settings(detector)
+    config = generator.get_config()
     height, width = detector_spec(detector).input_image_shape[:2]
     anchors = {level: boxes[tf.newaxis] for level, boxes in preprocessor(detector).anchor_boxes.items()}
     scale = tf.constant([height, width, height, width], tf.float32)
-    top = settings["max_detections"]
 
     @tf.function(input_signature=[tf.TensorSpec([1, height, width, 3], tf.float32)])
     def detect(images: Any) -> tuple[Any, Any, Any, Any]:
@@ -71,30 +70,45 @@ def detection_function(detector: Any) -> Any:
             boxes, scores, _ = generator._decode_multilevel_outputs(
                 raw_boxes, raw_scores, anchors, tf.constant([[height, width]], tf.float32)
             )
-            boxes, scores = boxes[0, :, 0, :], scores[0]
-            kept_boxes, kept_scores, kept_classes = [], [], []
-            for k in range(scores.shape[1]):
-                class_scores, order = tf.math.top_k(scores[:, k], k=min(boxes.shape[0], settings["pre_nms_top_k"]))
-                class_boxes = tf.gather(boxes, order)
-                chosen, chosen_scores, _ = tf.raw_ops.NonMaxSuppressionV5(
-                    boxes=class_boxes,
-                    scores=class_scores,
-                    max_output_size=top,
-                    iou_threshold=settings["nms_iou_threshold"],
-                    score_threshold=settings["score_threshold"],
-                    soft_nms_sigma=0.0,
-                    pad_to_max_output_size=True,  # padding: score 0, sorted last below
-                )
-                kept_boxes.append(tf.gather(class_boxes, chosen))
-                kept_scores.append(chosen_scores)
-                kept_classes.append(tf.fill([top], float(k)))
-            best_scores, order = tf.math.top_k(tf.concat(kept_scores, 0), k=top)
-            best_boxes = tf.gather(tf.concat(kept_boxes, 0), order) / scale
-            best_classes = tf.gather(tf.concat(kept_classes, 0), order)
-            count = tf.reduce_sum(tf.cast(best_scores > 0, tf.float32))
-            return best_boxes[tf.newaxis], best_classes[tf.newaxis], best_scores[tf.newaxis], count[tf.newaxis]
+            best_boxes, best_classes, best_scores, count = per_class_nms(boxes[0, :, 0, :], scores[0], config)
+            return (best_boxes / scale)[tf.newaxis], best_classes[tf.newaxis], best_scores[tf.newaxis], count[tf.newaxis]
 
     return detect.get_concrete_function()
+
+
+def per_class_nms(boxes: Any, scores: Any, config: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """tf-models' class-aware ``_generate_detections_v2`` for one image, in builtin TFLite ops (one subgraph).
+
+    ``boxes`` [N, 4], ``scores`` [N, K] (background dropped); ``config`` the detection generator's
+    (``pre_nms_top_k``, ``pre_nms_score_threshold``, ``nms_iou_threshold``, ``max_num_detections``).
+    Per class: the top ``pre_nms_top_k`` scores, NMS at the IoU and score threshold; then the best
+    ``max_num_detections`` over all classes. Returns (boxes [M, 4], classes [M] as floats 0..K-1,
+    scores [M], count), padded with score 0 (tests/test_tflite_model.py compares it with tf-models').
+    """
+    import tensorflow as tf
+
+    top = config["max_num_detections"]
+    kept_boxes, kept_scores, kept_classes = [], [], []
+    for k in range(scores.shape[1]):
+        class_scores, order = tf.math.top_k(scores[:, k], k=min(boxes.shape[0], config["pre_nms_top_k"]))
+        class_boxes = tf.gather(boxes, order)
+        chosen, chosen_scores, _ = tf.raw_ops.NonMaxSuppressionV5(
+            boxes=class_boxes,
+            scores=class_scores,
+            max_output_size=top,
+            iou_threshold=config["nms_iou_threshold"],
+            score_threshold=config["pre_nms_score_threshold"],
+            soft_nms_sigma=0.0,
+            pad_to_max_output_size=True,  # padding: score 0, sorted last below
+        )
+        kept_boxes.append(tf.gather(class_boxes, chosen))
+        kept_scores.append(chosen_scores)
+        kept_classes.append(tf.fill([top], float(k)))
+    best_scores, order = tf.math.top_k(tf.concat(kept_scores, 0), k=top)
+    best_boxes = tf.gather(tf.concat(kept_boxes, 0), order)
+    best_classes = tf.gather(tf.concat(kept_classes, 0), order)
+    count = tf.reduce_sum(tf.cast(best_scores > 0, tf.float32))
+    return best_boxes, best_classes, best_scores, count
 
 
 def convert(detector: Any, quantization: Any = None) -> bytes:
