@@ -18,6 +18,7 @@ Layout (paths as under the real hosts):
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import io
 import random
@@ -221,8 +222,8 @@ def _coco_file(images: list[dict], annotations: list[dict], categories: list[dic
 def _zip(path: Path, members: dict[str, bytes]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
+        for name, data in members.items():  # a fixed date: every worker's fixture is the same bytes
+            zf.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
 
 
 def _checkpoint_tarball(path: Path, rng: random.Random) -> None:
@@ -238,7 +239,8 @@ def _checkpoint_tarball(path: Path, rng: random.Random) -> None:
         f"{root}/ckpt-277200.index": rng.randbytes(256),
         f"{root}/ckpt-277200.data-00000-of-00001": rng.randbytes(4096),
     }
-    with tarfile.open(path, "w:gz") as tf:
+    # gzip's header holds a time unless told: mtime=0 makes every worker's fixture the same bytes.
+    with path.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tf:
         for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)

@@ -34,8 +34,8 @@ def test_train_stops_when_nvidia_smi_lists_a_gpu_tensorflow_cannot_use(tmp_path:
     records but no TFRecords, and nothing is written."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for package in ("stages", "trafficdet"):
-        (repo / package).symlink_to(ROOT / package)
+    for name in ("stages", "trafficdet", "dvc.yaml"):  # dvc.yaml: the resume fingerprint hashes the code it lists
+        (repo / name).symlink_to(ROOT / name)
     write_params(repo / "params.yaml", train={"init": "scratch"})
     for side, size in (("train", 16), ("val", 4)):
         write_json(repo / f"data/cache/{side}/cache.json", {"size": size, "num_shards": 1})
