@@ -82,7 +82,7 @@ class FilterParams(Section):
         list[Literal["train2017", "val2017"]], Field(description="a list of train2017, val2017 (may be empty)")
     ]
     seed: int
-    unrelabelled_lights: Literal["exclude", "traffic_light"]
+    unrelabelled_lights: Literal["exclude", "traffic_light", "ignore"]
     min_box_side: NonNegativeFloat
 
     @field_validator("classes")
