@@ -24,7 +24,7 @@ import urllib3
 from tqdm import tqdm
 
 from trafficdet.errors import PipelineError
-from trafficdet.params import DownloadParams
+from trafficdet.params import DownloadParams, url_problem
 
 COCO_HOST_PREFIXES = ("http://images.cocodataset.org/", "https://images.cocodataset.org/")
 CHUNK = 1 << 16  # small enough that a dropped connection loses little
@@ -95,20 +95,6 @@ class HostPolicy:
         )
 
 
-def url_problem(url: str) -> str:
-    """Why ``url`` is not a fetchable http(s) URL, or ""."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a malformed port
-    except ValueError as err:
-        return f"malformed URL ({err})"
-    if parts.scheme not in ("http", "https"):
-        return f"scheme {parts.scheme + ':' if parts.scheme else 'missing'} is not fetched (http and https only)"
-    if not parts.hostname:
-        return "URL without a host"
-    return ""
-
-
 def rewrite_mirror(url: str, mirror: str) -> str:
     """Point an ``images.cocodataset.org`` URL at the same path under ``mirror``."""
     if not mirror:
@@ -164,8 +150,23 @@ def _network_reason(err: Exception) -> str:
     return "connection failed"
 
 
+def _failed_host(err: Exception, url: str) -> str:
+    """The host whose connection failed: after a redirect, the one redirected to, not ``url``'s.
+
+    requests attaches the request it was sending (the redirected one, when it follows them).
+    """
+    request = getattr(err, "request", None)
+    parts = urlsplit(getattr(request, "url", None) or url)
+    host = parts.hostname or ""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{parts.port}" if parts.port else shown
+
+
 def _is_drive(url: str) -> bool:
-    return urlsplit(url).hostname in ("drive.google.com", "docs.google.com", "drive.usercontent.google.com")
+    try:
+        return urlsplit(url).hostname in ("drive.google.com", "docs.google.com", "drive.usercontent.google.com")
+    except ValueError:  # malformed: url_problem says why
+        return False
 
 
 def fetch(
@@ -279,7 +280,7 @@ def _fetch_http(
             last_problem = f"timed out ({slow}; {SLOW_HINT})"
         except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as err:
             last_problem = _network_reason(err)
-            host = urlsplit(url).hostname
+            host = _failed_host(err, url)
             if last_problem == "timed out":
                 last_problem = f"timed out (no bytes for {policy.timeout_s:g} s; {SLOW_HINT})"
             elif partial.exists() and partial.stat().st_size > have:
