@@ -14,6 +14,7 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,10 @@ class HTTPStatusError(PipelineError):
 
 class RefusedURLError(PipelineError):
     """A URL (or a redirect to one) that is not http(s) or names a host nobody configured."""
+
+
+class RefusedRedirectError(RefusedURLError):
+    """The server redirected where the params do not allow (or too often): its answer, not the URL's fault."""
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,7 @@ def fetch(
     session: requests.Session | None = None,
     hosts: HostPolicy | None = None,
     resumable: bool = True,
+    accept: Callable[[Path, str], str] | None = None,
 ) -> Path:
     """Download ``url`` to ``dest``: resumable, retried, verified, renamed into place.
 
@@ -190,7 +196,9 @@ def fetch(
     403/404 errors to name the param that offers a way out. With ``hosts``, ``url`` and
     every redirect must stay on those hosts (``RefusedURLError`` otherwise); without, redirects
     are followed (for URLs the user wrote into params.yaml). Without ``resumable`` the
-    partial file is removed when the download fails (small files: not worth resuming).
+    partial file is removed when the download fails (small files: not worth resuming). ``accept``
+    judges a complete answer (the file, its Content-Type): a problem it names (an empty body, an
+    HTML page) is retried like a dropped connection, and after the last attempt raised.
     """
     problem = hosts.problem(url) if hosts else ("" if _is_drive(url) else url_problem(url))
     if problem:
@@ -205,7 +213,7 @@ def fetch(
         _fetch_drive(url, partial)
     else:
         try:
-            _fetch_http(url, partial, policy, progress, hint, session or thread_session(), hosts, resumable)
+            _fetch_http(url, partial, policy, progress, hint, session or thread_session(), hosts, resumable, accept)
         except BaseException:
             if not resumable:
                 partial.unlink(missing_ok=True)
@@ -233,6 +241,7 @@ def _fetch_http(
     session: requests.Session,
     hosts: HostPolicy | None,
     resumable: bool,
+    accept: Callable[[Path, str], str] | None = None,
 ) -> None:
     """Fill ``partial`` with the whole body of ``url``, resuming with Range requests."""
     last_problem = ""
@@ -275,6 +284,11 @@ def _fetch_http(
                 if expected_total is not None and size < expected_total:
                     last_problem = f"connection dropped at {size} of {expected_total} bytes"
                     continue
+                problem = accept(partial, response.headers.get("Content-Type", "")) if accept else ""
+                if problem:  # a bad answer, maybe of a bad moment: ask again, from the start
+                    partial.unlink()
+                    last_problem = problem
+                    continue
                 return
         except _TooSlowError as slow:
             last_problem = f"timed out ({slow}; {SLOW_HINT})"
@@ -291,9 +305,8 @@ def _fetch_http(
             last_problem = "connection dropped mid-transfer"
         except requests.RequestException as err:  # InvalidURL, InvalidSchema, ...: retrying will not help
             raise RefusedURLError(f"download {url}: {type(err).__name__}: {err}".splitlines()[0]) from None
-    kept = (
-        f"partial file kept at {partial}; rerun to resume" if resumable and partial.exists() else "rerun when the network is back"
-    )
+    again = "rerun when the network and server are back"
+    kept = f"partial file kept at {partial}; rerun to resume" if resumable and partial.exists() else again
     attempts = f"{policy.retries + 1} attempt{'s' if policy.retries else ''}"
     raise PipelineError(f"download {url}: {last_problem} after {attempts} ({kept}, or set download.mirror)")
 
@@ -308,9 +321,9 @@ def _get(session: requests.Session, url: str, headers: dict[str, str], policy: R
         response.close()
         problem = hosts.problem(target)
         if problem:
-            raise RefusedURLError(f"download {url}: redirect to {target} refused: {problem}")
+            raise RefusedRedirectError(f"download {url}: redirect to {target} refused: {problem}")
         url = target
-    raise RefusedURLError(f"download {url}: more than {MAX_REDIRECTS} redirects")
+    raise RefusedRedirectError(f"download {url}: more than {MAX_REDIRECTS} redirects")
 
 
 class _TooSlowError(Exception):
