@@ -226,7 +226,7 @@ def origin_counts(pool: Pool, image_ids: set[int], origins: list[str] | None = N
 
 
 def class_counts(classes: list[str], annotations: list[dict]) -> dict[str, dict[str, int]]:
-    """Per class: images holding it and its boxes (crowd regions apart: they are not trained on)."""
+    """Per class: images holding it and its boxes (crowd regions apart: ignored in training and evaluation)."""
     boxes = Counter(ann["category_id"] for ann in annotations if not ann["iscrowd"])
     crowds = Counter(ann["category_id"] for ann in annotations if ann["iscrowd"])
     images = Counter(cat for image, cat in {(a["image_id"], a["category_id"]) for a in annotations if not a["iscrowd"]})

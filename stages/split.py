@@ -73,7 +73,7 @@ def split_dataset(
         )
     classes_of: dict[int, set[int]] = {image["id"]: set() for image in images}
     for ann in coco["annotations"]:
-        if ann["image_id"] in classes_of and not ann.get("iscrowd"):  # a crowd region is not trained on
+        if ann["image_id"] in classes_of and not ann.get("iscrowd"):  # a crowd region is an ignore region, no class
             classes_of[ann["image_id"]].add(ann["category_id"])
     if method == "coco":
         val = coco_split(images)
