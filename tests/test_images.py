@@ -229,14 +229,14 @@ def test_a_bad_moment_of_the_server_is_never_recorded(fixture_tree, server: Fixt
     fails with one line naming it, and the next plain `dvc repro` ends where a clean run does (same dvc.lock).
     It used to be a counted rejection, exit 0, and "up to date" afterwards: one image fewer for good."""
     _, manifest = fixture_tree
-    overrides = fixture_overrides(server, manifest)  # download.retries: 2
-    clean = make_repo(tmp_path / "clean", overrides)
+    clean = make_repo(tmp_path / "clean", fixture_overrides(server, manifest))  # download.retries: 2
+    run(["dvc", "repro", "filter"], clean)
+    repo = shutil.copytree(clean, tmp_path / "repo", symlinks=True)  # the same state before the images stage
     run(["dvc", "repro", "images"], clean)
     image = read_json(clean / "data/filtered/labels.json")["images"][3]
     path = image["coco_url"].split("cocodataset.org")[1]
     hits = server.hits[path]
 
-    repo = make_repo(tmp_path / "repo", overrides)
     server.inject(path, "empty", "html", "empty")
     failed = run(["dvc", "repro", "images"], repo, check=False)
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
