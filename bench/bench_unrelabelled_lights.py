@@ -8,7 +8,12 @@ overlay kept at 10, images it does not cover), about 15 of each per 300 scenes.
 
 AP is the mean over classes, so `traffic_light` (one more class) and `exclude` (fewer validation
 images) move it for reasons of their own: `AP_shared` is the mean per-class AP over the nine
-classes every choice has, and the validation sets are reported beside it.
+classes every choice has, and the validation sets are reported beside it. `common` scores
+every choice's TFLite model (as the app runs it) on the same images and labels: the 60
+val2017 images with the unrelabelled lights as ignore regions (the `ignore` run's validation
+labels, images read from the fixture), and the 52 of them without any (`exclude`'s own
+validation set), nine classes (a `traffic_light` detection has no ground truth there and is
+left out).
 
 Writes bench/out/unrelabelled_lights.json. About 10-25 min per run on 2 cores.
 """
@@ -55,15 +60,53 @@ def measure(repo: Path, minutes: float) -> dict:
     return result
 
 
+def common_evaluation(runs: dict[str, Path]) -> dict[str, dict]:
+    """TFLite AP of each choice's model on the same images and labels (``runs``: choice -> demo folder)."""
+    sys.path.insert(0, str(ROOT))
+    from stages.evaluate import coco_evaluate, tflite_detections
+
+    read = lambda folder, name: json.loads((folder / "repo" / name).read_text())  # noqa: E731
+    reference = read(runs["ignore"], "data/split/val/labels.json")
+    subset = {image["id"] for image in read(runs["exclude"], "data/split/val/labels.json")["images"]}
+    shared = {c["id"] for c in reference["categories"]}
+    restricted = {
+        **reference,
+        "images": [image for image in reference["images"] if image["id"] in subset],
+        "annotations": [ann for ann in reference["annotations"] if ann["image_id"] in subset],
+    }
+    results = {}
+    for choice, folder in runs.items():
+        own = read(folder, "data/split/val/labels.json")["categories"]  # the model's labels, for its detections
+        detections = tflite_detections(
+            folder / "repo/models/model.tflite", {**reference, "categories": own}, folder / "fixture/val2017", 100
+        )
+        detections = [d for d in detections if d["category_id"] in shared]
+        results[choice] = {}
+        for name, truth in ((f"{len(reference['images'])}_images", reference), (f"{len(subset)}_images", restricted)):
+            kept = [d for d in detections if d["image_id"] in {image["id"] for image in truth["images"]}]
+            overall = coco_evaluate(truth, kept)["overall"]
+            results[choice][name] = {"AP": overall["AP"], "AP50": overall["AP50"]}
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--choices", nargs="+", default=list(CHOICES), choices=CHOICES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[42], help="train.seed values")
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--evaluate-kept", type=Path, help="only the common evaluation, of <dir>/<choice>-<seed> demo folders")
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     out = OUT / "unrelabelled_lights.json"
     results = json.loads(out.read_text()) if out.exists() else {}
+    if args.evaluate_kept:
+        for seed in args.seeds:
+            common = common_evaluation({choice: args.evaluate_kept / f"{choice}-{seed}" for choice in CHOICES})
+            for choice, numbers in common.items():
+                results[f"{choice} seed {seed}"]["common"] = numbers
+                print(f"{choice:13s} seed {seed}: TFLite on common images {numbers}", flush=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        return
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="bench-lights.") as tmp:
         for seed in args.seeds:
@@ -89,6 +132,12 @@ def main() -> None:
                     f"(9 classes {row['keras']['AP_shared']:.3f})",
                     flush=True,
                 )
+            if set(args.choices) == set(CHOICES):
+                common = common_evaluation({choice: Path(tmp) / f"{choice}-{seed}" for choice in CHOICES})
+                for choice, numbers in common.items():
+                    results[f"{choice} seed {seed}"]["common"] = numbers
+                    print(f"{choice:13s} seed {seed}: TFLite on common images {numbers}", flush=True)
+                out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
