@@ -462,7 +462,8 @@ def ignore_anchors(preprocessor: Any, cls_weights: Any, box_weights: Any, boxes:
 
     tf-models' ``AnchorLabeler`` (as installed) has no ignore class: a ground truth of class -1
     gives its anchors target -1, which the loss one-hot encodes as background, and a zero
-    ``gt_weights`` also zeroes every far-away negative whose best (zero) overlap is that box.
+    ``gt_weights`` also silences the negatives whose best overlap is that box (with no overlap
+    at all the matcher's argmax picks the first box: every such anchor, when the region is first).
     So the anchors are labelled from the objects alone, exactly as Model Maker does, and then
     the anchors that match a region rather than an object (the labeler's own matcher over
     objects + regions: IoU >= 0.5, or a region's best anchor) and are not positives of an
