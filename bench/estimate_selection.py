@@ -8,7 +8,8 @@ and split: sections (images_per_class etc. as committed) on
                classes the default config uses, class presence drawn independently per
                image (COCO's co-occurrence is not modelled), and a cocoTraffic-like overlay
                that covers every traffic light and leaves 6.9% of them at 10 (its README at
-               commit 0b20996: 772 + 118 of its train2017 lights "discarded ... mislabelled").
+               commit 0b20996: 890 of train2017's 12,884 lights "discarded due to mislabelled or
+               otherwise corrupt labels", 772 + 118 over its own train / val split).
                A computed estimate, not a measurement of the real files (no internet here).
 Writes bench/out/selection.json and prints a table for docs/selection-and-split.md.
 """
@@ -51,9 +52,13 @@ COCO_IMAGES = {
     "val2017": {"person": 2693, "bicycle": 149, "car": 535, "motorcycle": 159, "bus": 189, "truck": 250, "traffic light": 191},
 }
 POOL_SIZE = {"train2017": 118_287, "val2017": 5_000}
-LIGHT_BOXES = {"train2017": 12_842, "val2017": 634}
-MISLABELLED_SHARE = 890 / 12_842
+# COCO 2017's traffic-light boxes. cocoTraffic's table (README, commit 0b20996) adds up to the same
+# train2017 count: 3,131 red + 1,794 green + 7,069 na + 890 discarded = 12,884. (This file said
+# 12,842, a transcription slip that the docs repeated.)
+LIGHT_BOXES = {"train2017": 12_884, "val2017": 634}
+MISLABELLED_SHARE = 890 / 12_884
 COLOUR_SHARE = {92: 3131, 93: 1794, 94: 7069}  # cocoTraffic's red / green / na boxes (README, commit 0b20996)
+HANDLINGS = ("exclude", "traffic_light", "ignore")  # filter.unrelabelled_lights
 CATEGORY_IDS = {"person": 1, "bicycle": 2, "car": 3, "motorcycle": 4, "bus": 6, "truck": 8, "traffic light": 10}
 
 
@@ -66,7 +71,7 @@ def run_rule(annotation_files: list[Path], relabel_files: list[Path], unusable: 
     """Filter then split as the stages do; the counts the docs quote."""
     filter_params, split_params = params()
     result = {}
-    for handling in ("exclude", "traffic_light"):
+    for handling in HANDLINGS:
         chosen = filter_params.model_copy(update={"unrelabelled_lights": handling})
         coco, _, report = filter_dataset(annotation_files, relabel_files, chosen)
         usable = {image["file_name"] for image in coco["images"]} - unusable
@@ -77,7 +82,7 @@ def run_rule(annotation_files: list[Path], relabel_files: list[Path], unusable: 
             "selection": report["selection"],
             "unrelabelled_lights": report.get("unrelabelled_lights"),
             "crowd_regions": report["crowd_regions"],
-            "split": {side: {"images": split[side]["images"], "origins": split[side]["origins"]} for side in SIDES},
+            "split": {side: {key: split[side][key] for key in ("images", "origins", "crowd_regions")} for side in SIDES},
             "per_class_images": {
                 name: {side: split[side]["classes"][name]["images"] for side in ("train", "val")}
                 for name in split["val"]["classes"]
@@ -156,13 +161,14 @@ def main() -> None:
         }
     (OUT / "selection.json").write_text(json.dumps(result, indent=2) + "\n")
     for name, counts in result.items():
-        for handling in ("exclude", "traffic_light"):
+        for handling in HANDLINGS:
             c = counts[handling]
             lights = c["unrelabelled_lights"] or {}
             print(
                 f"{name:20s} {handling:13s} selected {c['selected']:6d} {c['by_origin']}  "
                 f"train {c['split']['train']['images']:6d} val {c['split']['val']['images']:5d}  "
-                f"lights left out {lights.get('images_left_out')} {lights.get('images')}"
+                f"lights left out {lights.get('images_left_out')} {lights.get('images')} "
+                f"ignore regions {lights.get('ignore_regions')}"
             )
 
 

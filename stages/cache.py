@@ -21,7 +21,10 @@ def build_cache(split_dir: Path, cache_dir: Path, store: Path = IMAGE_STORE) -> 
     """Write the TFRecord cache of one split side; return its ``cache.json`` record."""
     quiet_tensorflow()
     labels = read_json(split_dir / "labels.json")
-    with atomic_dir(cache_dir) as tmp, model_maker_folder(split_dir / "labels.json", store) as folder:
+    # Training ignores the anchors over crowd regions (and unrelabelled lights under filter.unrelabelled_lights:
+    # ignore); validation loss is Model Maker's, which cannot ignore: its cache holds the objects only.
+    regions = split_dir.name == "train"
+    with atomic_dir(cache_dir) as tmp, model_maker_folder(split_dir / "labels.json", store, ignore_regions=regions) as folder:
         files, size = write_coco_cache(folder, tmp)  # Model Maker's bytes, on every core
         if size != len(labels["images"]):
             raise PipelineError(

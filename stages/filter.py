@@ -18,12 +18,12 @@ from typing import Any, NamedTuple
 from trafficdet.coco import Pool, clean_box, coco_area, load_pool
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.io import remove_stale_temps, write_json
-from trafficdet.overlay import apply_relabel, watched_lights
+from trafficdet.overlay import COCO_LIGHT, Overlay, apply_relabel, coco_light_ids, watched_lights
 from trafficdet.params import FilterParams, load
 from trafficdet.paths import FILTER_REPORT, FILTERED_LABELS, LABEL_MAP, RAW_ANNOTATIONS, RAW_RELABEL
 
 __all__ = ["clean_box", "filter_dataset", "relabel_files"]  # clean_box: tested here, where the filter uses it
-EXTRA_LIGHT_CLASS = "traffic_light"  # filter.unrelabelled_lights: traffic_light
+EXTRA_LIGHT_CLASS = "traffic_light"  # filter.unrelabelled_lights: traffic_light (COCO's own class is "traffic light")
 UNRELABELLED = ("mislabelled", "outside_overlay")
 DROP_REASONS = ("other_class", "unrelabelled_light", "malformed", "degenerate", "outside_image", "too_small", "no_such_image")
 
@@ -36,24 +36,35 @@ class Box(NamedTuple):
     crowd: bool
 
 
-def resolve_classes(pool: Pool, classes: list[str], overlay: bool) -> dict[int, int]:
+def resolve_classes(pool: Pool, classes: list[str], overlay: Overlay | None) -> dict[int, int]:
     """Map source category ids to contiguous 1..K in ``classes`` order.
 
     Contiguous ids matter: Model Maker sizes its classifier by the number of
     categories but keeps raw ids, so an id like 92 would silently never train.
+    COCO's ``traffic light`` means every light, whatever colour the overlay gave it: with the
+    overlay on it takes the colour ids too (the same boxes as with the overlay off), so it
+    cannot be chosen together with a colour class.
     """
     if not classes or len(set(classes)) != len(classes):
         raise PipelineError(f"params.yaml filter.classes: needs distinct class names, got {classes!r}")
     by_name: dict[str, list[int]] = defaultdict(list)
     for category_id, name in pool.categories.items():
         by_name[name].append(category_id)
+    if overlay is not None and COCO_LIGHT in classes:
+        colours = sorted({pool.categories[source] for source in overlay.categories} & set(classes))
+        if colours:
+            raise PipelineError(
+                f"params.yaml filter.classes: {COCO_LIGHT!r} (every traffic light, whatever its colour) and the colour "
+                f"classes {', '.join(colours)} hold the same boxes: choose {COCO_LIGHT!r} or the colours, not both"
+            )
+        by_name[COCO_LIGHT] = sorted(coco_light_ids(pool) | overlay.categories)
     mapping = {}
     for new_id, name in enumerate(classes, start=1):
         if name not in by_name:
             hint = ""
-            if name.startswith("traffic_light_") and not overlay:
+            if name.startswith("traffic_light_") and overlay is None:
                 hint = " (the cocoTraffic overlay is off: set download.relabel_url, or use 'traffic light')"
-            if name == EXTRA_LIGHT_CLASS and overlay:
+            if name == EXTRA_LIGHT_CLASS and overlay is not None:
                 hint = " (it is added after filter.classes by filter.unrelabelled_lights: traffic_light)"
             raise PipelineError(
                 f"params.yaml filter.classes: {name!r} is not a category of the source annotations{hint}; "
@@ -98,20 +109,26 @@ def filter_dataset(annotation_files: list[Path], relabel_files: list[Path], para
     pool = load_pool(annotation_files)
     overlay = apply_relabel(pool, relabel_files) if relabel_files else None
     classes, include_all = list(params.classes), list(params.include_all)
-    mapping = resolve_classes(pool, classes, overlay is not None)
+    mapping = resolve_classes(pool, classes, overlay)
     lights = watched_lights(pool, mapping, overlay)
-    exclude_lights = params.unrelabelled_lights == "exclude"
-    if lights and not exclude_lights:
+    handling = params.unrelabelled_lights
+    exclude_lights = handling == "exclude"
+    # filter.unrelabelled_lights: ignore makes each such light an ignore region (iscrowd 1) of every chosen
+    # colour class: COCOeval matches a crowd region only with detections of its own class.
+    colour_ids = sorted({new_id for source, new_id in mapping.items() if overlay and source in overlay.categories})
+    if lights and handling == "traffic_light":
         assert overlay is not None  # lights are watched only with the overlay on
-        colours = {classes[new_id - 1] for source, new_id in mapping.items() if source in overlay.categories}
+        colours = {classes[new_id - 1] for new_id in colour_ids}
         classes.append(EXTRA_LIGHT_CLASS)
         mapping.update(dict.fromkeys(lights, len(classes)))
         if colours & set(include_all):
             include_all.append(EXTRA_LIGHT_CLASS)  # kept like the other light images
+    next_id = max((ann.id for ann in pool.annotations), default=0) + 1  # ids for the extra copies of an ignore region
 
     dropped: Counter[str] = Counter()
     unrelabelled: dict[str, set[int]] = {reason: set() for reason in UNRELABELLED}
     kept: dict[int, list[Box]] = defaultdict(list)
+    ignore_regions: set[int] = set()  # the source ids of the lights made ignore regions
     for ann in pool.annotations:
         light = ann.category_id in lights
         new_id = mapping.get(ann.category_id)
@@ -134,6 +151,14 @@ def filter_dataset(annotation_files: list[Path], relabel_files: list[Path], para
                 continue
         if reason:
             dropped["clipped_kept"] += 1
+        if light and handling == "ignore":
+            ignore_regions.add(ann.id)
+            for index, class_id in enumerate(colour_ids):
+                region_id = ann.id
+                if index:
+                    region_id, next_id = next_id, next_id + 1
+                kept[ann.image_id].append(Box(region_id, class_id, box, coco_area(ann, box), True))
+            continue
         kept[ann.image_id].append(Box(ann.id, mapping[ann.category_id], box, coco_area(ann, box), bool(ann.iscrowd)))
 
     left_out = set().union(*unrelabelled.values()) if exclude_lights else set()
@@ -185,9 +210,11 @@ def filter_dataset(annotation_files: list[Path], relabel_files: list[Path], para
     }
     if lights:
         report["unrelabelled_lights"] = {
-            "handling": params.unrelabelled_lights,
+            "handling": handling,
             "images": {reason: len(unrelabelled[reason]) for reason in UNRELABELLED},
             "images_left_out": len(left_out),
+            # lights in the selection made ignore regions (one per colour class each)
+            "ignore_regions": sum(1 for ann in annotations if ann["id"] in ignore_regions),
         }
     return {"images": images, "annotations": annotations, "categories": categories}, label_map, report
 
@@ -199,7 +226,7 @@ def origin_counts(pool: Pool, image_ids: set[int], origins: list[str] | None = N
 
 
 def class_counts(classes: list[str], annotations: list[dict]) -> dict[str, dict[str, int]]:
-    """Per class: images holding it and its boxes (crowd regions apart: they are not trained on)."""
+    """Per class: images holding it and its boxes (crowd regions apart: ignored in training and evaluation)."""
     boxes = Counter(ann["category_id"] for ann in annotations if not ann["iscrowd"])
     crowds = Counter(ann["category_id"] for ann in annotations if ann["iscrowd"])
     images = Counter(cat for image, cat in {(a["image_id"], a["category_id"]) for a in annotations if not a["iscrowd"]})
@@ -231,7 +258,7 @@ def main() -> None:
         print(
             f"filter: left out {lights['images_left_out']} images holding traffic lights the overlay did not relabel "
             f"({counts['mislabelled']} with mislabelled ones, {counts['outside_overlay']} outside the overlay); "
-            "filter.unrelabelled_lights: traffic_light keeps them as one more class"
+            "filter.unrelabelled_lights: ignore keeps them as ignore regions, traffic_light as one more class"
         )
 
 

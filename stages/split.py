@@ -31,8 +31,8 @@ PROTOCOLS = {
         "COCO train2017 never saw a validation image; AP follows COCO's val2017 protocol on these classes."
     ),
     "stratified": (
-        "Seeded stratified split of the selection: round(N x val_fraction) validation images, every class "
-        "with two or more images on both sides where the count allows."
+        "Seeded stratified split of the selection: round(N x val_fraction) validation images (half up, at least 1, "
+        "at most N-1), every class with two or more images on both sides where the count allows."
     ),
     "published": (
         "cocoTraffic's published 80/20 split (its train and val files each hold train2017 and val2017 images); "
@@ -73,7 +73,7 @@ def split_dataset(
         )
     classes_of: dict[int, set[int]] = {image["id"]: set() for image in images}
     for ann in coco["annotations"]:
-        if ann["image_id"] in classes_of and not ann.get("iscrowd"):  # a crowd region is not trained on
+        if ann["image_id"] in classes_of and not ann.get("iscrowd"):  # a crowd region is an ignore region, no class
             classes_of[ann["image_id"]].add(ann["category_id"])
     if method == "coco":
         val = coco_split(images)

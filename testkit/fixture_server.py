@@ -23,12 +23,13 @@ RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 class FixtureServer:
     """Serve ``root`` on ``http://127.0.0.1:<port>``; use as a context manager.
 
-    ``inject(path, "status:404", "drop:1000", "stall:1000", "trickle:1:2", "redirect:<url>")``
+    ``inject(path, "status:404", "drop:1000", "stall:1000", "trickle:1:2", "redirect:<url>", "empty", "html")``
     queues faults for the next requests of ``path``: an HTTP status; a response that promises
     the full body and closes the connection after N bytes; one that sends N bytes and hangs;
     one that sends N bytes every S seconds (a trickle no per-read timeout catches); a 302 to
-    ``url``. ``latency_s`` delays every response. ``host`` may be another loopback address
-    (127.0.0.2) to play a second host.
+    ``url``; a 200 with no body; a 200 with an HTML page (a proxy's or CDN's error page).
+    ``latency_s`` delays every response. ``host`` may be another loopback address (127.0.0.2)
+    to play a second host.
     """
 
     def __init__(self, root: Path, *, port: int = 0, latency_s: float = 0.0, host: str = "127.0.0.1") -> None:
@@ -85,6 +86,15 @@ class FixtureServer:
                     time.sleep(server.latency_s)
                 if fault.startswith("status:"):
                     self._send_status(int(fault.split(":")[1]))
+                    return
+                if fault in ("empty", "html"):
+                    body = b"<!DOCTYPE html><html><body>Service busy, try later</body></html>" if fault == "html" else b""
+                    self.send_response(200)
+                    if body:
+                        self.send_header("Content-Type", "text/html; charset=utf-8")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
                     return
                 if fault.startswith("redirect:"):
                     self.send_response(302)

@@ -100,9 +100,21 @@ def test_no_network_is_one_clear_error(tmp_path: Path) -> None:
     with socket.socket() as probe:  # a loopback port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with pytest.raises(PipelineError, match=r"cannot reach 127\.0\.0\.1: connection refused after 3 attempts"):
+    with pytest.raises(PipelineError, match=rf"cannot reach 127\.0\.0\.1:{port}: connection refused after 3 attempts"):
         fetch(f"http://127.0.0.1:{port}/x.zip", tmp_path / "x.zip", policy=FAST)
     assert not (tmp_path / "x.zip").exists()
+
+
+@pytest.mark.parametrize("hosts", [None, HostPolicy(frozenset({"127.0.0.1", "127.0.0.2"}))], ids=["followed", "checked"])
+def test_after_a_redirect_the_error_names_the_host_that_failed(tmp_path: Path, server: FixtureServer, hosts) -> None:
+    with socket.socket() as probe:  # a port nobody listens on, on another loopback address
+        probe.bind(("127.0.0.2", 0))
+        port = probe.getsockname()[1]
+    server.inject(ANNOTATIONS_ZIP, *[f"redirect:http://127.0.0.2:{port}/a.zip"] * 3)
+    with pytest.raises(PipelineError) as raised:
+        fetch(f"{server.url}/{ANNOTATIONS_ZIP}", tmp_path / "a.zip", policy=FAST, hosts=hosts)
+    assert f"cannot reach 127.0.0.2:{port}: connection refused" in str(raised.value)
+    assert str(raised.value).startswith(f"download {server.url}/{ANNOTATIONS_ZIP}: ")  # the URL asked for, then who failed
 
 
 def test_dns_failure_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

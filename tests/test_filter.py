@@ -11,6 +11,7 @@ import yaml
 from stages import download
 from stages import filter as filter_stage
 from testkit.fixture import ANNOTATIONS_ZIP, RELABEL_ZIP
+from testkit.fixture_server import FixtureServer
 from trafficdet.errors import PipelineError
 from trafficdet.fetch import RetryPolicy
 from trafficdet.overlay import published_side
@@ -101,6 +102,7 @@ def test_no_kept_image_has_a_light_without_a_light_class_box(raw, fixture_tree, 
         "handling": "exclude",
         "images": {"mislabelled": len(mislabelled_images), "outside_overlay": len(gaps["outside_images"])},
         "images_left_out": len(mislabelled_images | set(gaps["outside_images"])),
+        "ignore_regions": 0,
     }
     assert report["dropped"]["unrelabelled_light"] == sum(
         1
@@ -252,3 +254,124 @@ def test_not_a_coco_file_is_named(tmp_path: Path) -> None:
     broken.write_text('{"images": [')
     with pytest.raises(PipelineError, match=r"instances_y\.json: not valid JSON"):
         filter_stage.filter_dataset([broken], [], params())
+
+
+# --- every light is labelled, whatever classes and overlay -----------------------------------------------------
+
+LIGHT_CHOICES = {
+    "colours": [*LIGHT_CLASSES, "car"],
+    "traffic light": ["traffic light", "car"],
+    "no light class": ["car", "person"],
+}
+
+
+@pytest.fixture(scope="module")
+def raw_once(tmp_path_factory: pytest.TempPathFactory, fixture_tree) -> tuple[list[Path], list[Path]]:
+    """``raw``, fetched once for the many combinations below (the filter only reads these files)."""
+    with pytest.MonkeyPatch.context() as patch, FixtureServer(fixture_tree[0]) as srv:
+        patch.chdir(tmp_path_factory.mktemp("raw"))
+        policy = RetryPolicy(retries=1, backoff_s=0.01)
+        sums = fixture_tree[1]["checksums"]
+        download.download_annotations(f"{srv.url}/{ANNOTATIONS_ZIP}", sums[ANNOTATIONS_ZIP], policy)
+        download.download_relabel(f"{srv.url}/{RELABEL_ZIP}", sums[RELABEL_ZIP], policy)
+        files = sorted(Path("data/raw/annotations").resolve().glob("instances_*.json"))
+        return files, [path.resolve() for path in filter_stage.relabel_files()]
+
+
+@pytest.mark.parametrize("handling", ["exclude", "traffic_light", "ignore"])
+@pytest.mark.parametrize("choice", list(LIGHT_CHOICES))
+@pytest.mark.parametrize("overlay", [True, False], ids=["overlay", "no_overlay"])
+def test_no_light_in_a_kept_image_is_missing_from_its_labels(raw_once, fixture_tree, overlay, choice, handling) -> None:
+    files, relabel = raw_once
+    gaps = fixture_tree[1]["gaps"]
+    classes = LIGHT_CHOICES[choice]
+    chosen = params(classes=classes, include_all=[], unrelabelled_lights=handling)
+    if choice == "colours" and not overlay:
+        with pytest.raises(PipelineError, match=r"'traffic_light_red' is not a category .* overlay is off"):
+            filter_stage.filter_dataset(files, [], chosen)
+        return
+    coco, label_map, report = filter_stage.filter_dataset(files, relabel if overlay else [], chosen)
+    lights = {ann["id"]: ann for ann in source_annotations(files) if ann["category_id"] == 10}  # COCO's: every light
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    kept = {image["id"] for image in coco["images"]}
+    labels: dict[int, list[dict]] = {}  # a light's labels: its own id, and for an ignore region its other classes' copies
+    regions = {(a["image_id"], tuple(a["bbox"])): a["id"] for a in coco["annotations"] if a["iscrowd"] and a["id"] in lights}
+    for ann in sorted(coco["annotations"], key=lambda ann: ann["category_id"]):
+        labels.setdefault(regions.get((ann["image_id"], tuple(ann["bbox"])), ann["id"]), []).append(ann)
+    unrelabelled = set(gaps["mislabelled_annotations"]) | {
+        a for a, ann in lights.items() if ann["image_id"] in gaps["outside_images"]
+    }
+    in_kept = {ann_id for ann_id, ann in lights.items() if ann["image_id"] in kept}
+    assert in_kept, "the fixture's lights must be in kept images for the claim to mean anything"
+
+    if choice == "no light class":  # lights are another class, like the dogs: not in the labels at all
+        assert not any(ann_id in labels for ann_id in lights)
+        assert not {name for name in names.values() if "light" in name}
+        return
+    for ann_id in in_kept:
+        assert ann_id in labels, f"light {ann_id} of kept image {lights[ann_id]['image_id']} is missing from the labels"
+        given = [(names[ann["category_id"]], ann["iscrowd"]) for ann in labels[ann_id]]
+        if choice == "traffic light":  # COCO's class: every light, whatever colour cocoTraffic gave it
+            assert given == [("traffic light", 0)]
+        elif ann_id not in unrelabelled:
+            assert len(given) == 1 and given[0][0] in LIGHT_CLASSES and given[0][1] == 0
+        elif handling == "traffic_light":
+            assert given == [("traffic_light", 0)]
+        else:  # ignore: an ignore region of every colour class (COCOeval matches crowds within a class)
+            assert handling == "ignore" and given == [(name, 1) for name in LIGHT_CLASSES]
+    if choice == "colours" and handling == "exclude":
+        assert not in_kept & unrelabelled and report["unrelabelled_lights"]["images_left_out"] > 0
+    if choice == "colours" and handling == "ignore":
+        assert in_kept >= unrelabelled - {a for a, ann in lights.items() if ann["image_id"] not in kept}
+        extra_ids = [ann["id"] for ann in coco["annotations"] if ann["iscrowd"] and ann["id"] not in lights]
+        assert len(extra_ids) == 2 * report["unrelabelled_lights"]["ignore_regions"]  # the 2nd and 3rd colour's copies
+        assert len({ann["id"] for ann in coco["annotations"]}) == len(coco["annotations"])  # ids stay unique
+        assert min(extra_ids) > max(ann["id"] for ann in source_annotations(files))
+    if choice == "traffic light":
+        assert label_map[0]["source_ids"] == ([10, 92, 93, 94] if overlay else [10])
+        assert "unrelabelled_lights" not in report  # no light is left without a class
+
+
+def test_traffic_light_with_the_overlay_is_what_coco_labels(raw) -> None:
+    """With the overlay on, COCO's class keeps its meaning: the same boxes and images as with the overlay off."""
+    files, relabel = raw
+    chosen = params(classes=["traffic light", "car"], include_all=["traffic light"])
+    with_overlay, _, report = filter_stage.filter_dataset(files, relabel, chosen)
+    without, _, _ = filter_stage.filter_dataset(files, [], chosen)
+    assert with_overlay["annotations"] == without["annotations"]
+    assert [{k: v for k, v in image.items() if k != "published_split"} for image in with_overlay["images"]] == without["images"]
+    assert report["overlay"]["relabelled"] > 0 and report["classes"]["traffic light"]["images"] == 40
+
+
+def test_traffic_light_and_its_colours_together_are_refused(raw) -> None:
+    with pytest.raises(PipelineError) as raised:
+        filter_stage.filter_dataset(*raw, params(classes=["traffic light", "traffic_light_red", "car"], include_all=[]))
+    message = str(raised.value)
+    assert message.startswith("params.yaml filter.classes: 'traffic light' (every traffic light, whatever its colour)")
+    assert "traffic_light_red" in message and "choose 'traffic light' or the colours, not both" in message and "\n" not in message
+
+
+def test_ignore_keeps_the_images_and_reports_the_regions(raw, fixture_tree) -> None:
+    gaps = fixture_tree[1]["gaps"]
+    exclude = filter_stage.filter_dataset(*raw, params())[2]
+    coco, label_map, report = filter_stage.filter_dataset(*raw, params(unrelabelled_lights="ignore"))
+    assert [entry["name"] for entry in label_map] == DEFAULTS["classes"]  # no extra class
+    lights = report["unrelabelled_lights"]
+    assert lights["handling"] == "ignore" and lights["images_left_out"] == 0
+    assert report["images"] == exclude["images"] + exclude["unrelabelled_lights"]["images_left_out"] == 40
+    outside = [a for a in source_annotations(raw[0]) if a["category_id"] == 10 and a["image_id"] in gaps["outside_images"]]
+    assert lights["ignore_regions"] == len(gaps["mislabelled_annotations"]) + len(outside)
+    crowds = sum(1 for ann in coco["annotations"] if ann["iscrowd"])
+    assert report["crowd_regions"] == crowds == len(gaps["crowd_annotations"]) + 3 * lights["ignore_regions"]
+    assert report["dropped"]["unrelabelled_light"] == 0
+
+
+@pytest.mark.parametrize(("record", "found"), [({}, "missing"), ({"width": 0, "height": 240}, "0")])
+def test_an_image_without_its_size_is_one_line_naming_file_and_field(tmp_path: Path, record: dict, found: str) -> None:
+    images = [{"id": 1, "file_name": "a.jpg", "width": 320, "height": 240}, {"id": 2, "file_name": "b.jpg", **record}]
+    annotations = [{"id": i, "image_id": i, "category_id": 1, "bbox": [1, 1, 20, 20]} for i in (1, 2)]
+    source = write_coco(tmp_path / "instances_own.json", images, annotations, [{"id": 1, "name": "car"}])
+    with pytest.raises(PipelineError) as raised:
+        filter_stage.filter_dataset([source], [], params(classes=["car"], include_all=[]))
+    assert str(raised.value).startswith(f"{source}: image 2 ('b.jpg') has no 'width' ({found}): every image needs its width")
+    assert "\n" not in str(raised.value)

@@ -14,8 +14,9 @@ from PIL import Image
 from stages import images
 from testkit.fixture import image_records
 from testkit.fixture_server import FixtureServer
-from tests.conftest import write_params
+from tests.conftest import fixture_overrides, make_repo, run, write_params
 from trafficdet import store as store_module
+from trafficdet.errors import PipelineError
 from trafficdet.fetch import RetryPolicy, file_digest
 from trafficdet.io import read_json
 from trafficdet.store import Record, Sources, fetch_from_zips, fetch_per_image, prune_store, verify_image
@@ -42,7 +43,9 @@ def test_per_image_fetch_rejects_the_corrupt_jpeg(fixture_tree, server: FixtureS
     results = fetch_per_image(wanted, tmp_path / "store", Sources.for_mirror(server.url, FAST), 8)
     rejected = {name: reason for name, reason in reasons(results).items() if reason}
     assert list(rejected) == [wanted[0]["file_name"]]  # the fixture truncates its first image
-    assert rejected[wanted[0]["file_name"]].startswith("corrupt image")
+    # Named by its URL and the reason, never by the store's temp file.
+    assert rejected[wanted[0]["file_name"]].startswith(f"{server.url}/train2017/{wanted[0]['file_name']}: corrupt image: ")
+    assert ".new" not in rejected[wanted[0]["file_name"]] and str(tmp_path) not in rejected[wanted[0]["file_name"]]
     assert not (tmp_path / "store" / wanted[0]["file_name"]).exists()
     assert len(list((tmp_path / "store").iterdir())) == len(wanted) - 1
     assert sum(server.hits.values()) == len(wanted)
@@ -60,8 +63,38 @@ def test_missing_image_is_rejected_not_fatal(fixture_tree, server: FixtureServer
     wanted = image_records(root)[1:4]
     server.inject(wanted[1]["coco_url"].split("cocodataset.org")[1], "status:404")
     results = fetch_per_image(wanted, tmp_path / "store", Sources.for_mirror(server.url, FAST), 2)
-    assert results[wanted[1]["file_name"]].reason == "HTTP 404"
+    path = wanted[1]["coco_url"].split("cocodataset.org")[1]
+    assert results[wanted[1]["file_name"]].reason == f"{server.url}{path}: HTTP 404 Not Found"  # the server says: no file
     assert sum(1 for outcome in results.values() if not outcome.reason) == 2
+
+
+@pytest.mark.parametrize(
+    ("faults", "reason"),
+    [
+        (["empty"], "empty response (0 bytes)"),
+        (["html"], "a text/html page, not an image"),
+        (["status:503"], "HTTP 503 Service Unavailable"),
+        (["status:403"], "HTTP 403 Forbidden"),
+    ],
+)
+def test_a_bad_answer_that_may_be_a_bad_moment_stops_the_fetch(
+    fixture_tree, server: FixtureServer, tmp_path: Path, faults: list[str], reason: str
+) -> None:
+    """Retried (but a 403: access is not the file's), then raised: one line naming the URL, never a counted rejection."""
+    root, _ = fixture_tree
+    wanted = image_records(root)[1:3]
+    path = wanted[1]["coco_url"].split("cocodataset.org")[1]
+    final = faults == ["status:403"]
+    server.inject(path, *faults * (1 if final else FAST.retries + 1))
+    with pytest.raises(PipelineError) as raised:
+        fetch_per_image(wanted, tmp_path / "store", Sources.for_mirror(server.url, FAST), 1)
+    assert str(raised.value).startswith(f"download {server.url}{path}: {reason}")
+    assert server.hits[path] == (1 if final else FAST.retries + 1)
+    assert not any(p.name.startswith(".") for p in (tmp_path / "store").iterdir())  # no temp file left
+    if not final:  # one bad answer: the retry gets the file
+        server.inject(path, faults[0])
+    results = fetch_per_image(wanted, tmp_path / "store", Sources.for_mirror(server.url, FAST), 1)
+    assert [outcome.reason for outcome in results.values()] == ["", ""]
 
 
 def test_size_mismatch_and_non_jpeg_are_rejected(tmp_path: Path) -> None:
@@ -189,3 +222,31 @@ def test_a_store_without_records_is_not_trusted(fixture_tree, server: FixtureSer
     hits = sum(server.hits.values())
     assert stage_in(tmp_path, wanted, mirror=server.url) == first
     assert sum(server.hits.values()) == hits + len(wanted)
+
+
+def test_a_bad_moment_of_the_server_is_never_recorded(fixture_tree, server: FixtureServer, tmp_path: Path) -> None:
+    """An image answered badly (empty, then an HTML page) through all of one run's retries, then well: the stage
+    fails with one line naming it, and the next plain `dvc repro` ends where a clean run does (same dvc.lock).
+    It used to be a counted rejection, exit 0, and "up to date" afterwards: one image fewer for good."""
+    _, manifest = fixture_tree
+    clean = make_repo(tmp_path / "clean", fixture_overrides(server, manifest))  # download.retries: 2
+    run(["dvc", "repro", "filter"], clean)
+    repo = shutil.copytree(clean, tmp_path / "repo", symlinks=True)  # the same state before the images stage
+    run(["dvc", "repro", "images"], clean)
+    image = read_json(clean / "data/filtered/labels.json")["images"][3]
+    path = image["coco_url"].split("cocodataset.org")[1]
+    hits = server.hits[path]
+
+    server.inject(path, "empty", "html", "empty")
+    failed = run(["dvc", "repro", "images"], repo, check=False)
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr
+    assert errors[0] == (
+        f"error: download {server.url}{path}: empty response (0 bytes) after 3 attempts "
+        "(rerun when the network and server are back, or set download.mirror)"
+    ), failed.stderr
+    assert server.hits[path] == hits + 3  # three bad answers, one per attempt
+    again = run(["dvc", "repro", "images"], repo)  # the server is fine again: a plain repro, no -f
+    assert "Running stage 'images'" in again.stdout
+    assert (repo / "dvc.lock").read_text() == (clean / "dvc.lock").read_text()
+    assert read_json(repo / "data/images.json") == read_json(clean / "data/images.json")

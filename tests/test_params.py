@@ -17,8 +17,17 @@ import yaml
 
 from testkit.repo_copy import ROOT
 from tests.conftest import make_repo, run
-from trafficdet.errors import run_stage
-from trafficdet.params import DownloadParams, EvaluateParams, ExportParams, FilterParams, Section, SplitParams, TrainParams
+from trafficdet.errors import PipelineError, run_stage
+from trafficdet.params import (
+    DownloadParams,
+    EvaluateParams,
+    ExportParams,
+    FilterParams,
+    Section,
+    SplitParams,
+    TrainParams,
+    parse,
+)
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 MODELS: dict[str, type[Section]] = {
@@ -165,3 +174,43 @@ def test_every_param_is_declared_in_dvc_yaml_or_named_as_changing_no_output() ->
         left_out = NOT_DECLARED.get(name, set())
         assert declared[name] & left_out == set(), f"{name}: declared although named as changing no output"
         assert declared[name] | left_out == set(model.model_fields), f"{name}: undeclared keys"
+
+
+URL_KEYS = ("mirror", "annotations_url", "relabel_url", "checkpoint_url", "train_zip_url", "val_zip_url")
+BAD_URLS = {
+    "http://[::1": "malformed URL (Invalid IPv6 URL)",
+    "http://[zz]/x.zip": "malformed URL ('zz' does not appear to be an IPv4 or IPv6 address)",
+    "http://example.org:99999/x.zip": "malformed URL (Port out of range 0-65535)",
+    "http://example.org:8o/x.zip": "malformed URL (Port could not be cast to integer value as '8o')",
+    "http://:8000/x.zip": "URL without a host",
+    "http://exa%20mple.org/x.zip": "host 'exa%20mple.org' is not a host name",
+}
+
+
+@pytest.mark.parametrize("key", URL_KEYS)
+@pytest.mark.parametrize("url", list(BAD_URLS))
+def test_every_url_param_is_parsed_in_full_at_load(key: str, url: str) -> None:
+    """Brackets, ports and hosts: one line naming the key, never a ValueError from deep in a download."""
+    values = {**PARAMS["download"], key: url}
+    with pytest.raises(PipelineError) as raised:
+        parse(DownloadParams, values)
+    assert str(raised.value) == (
+        f"params.yaml download.{key}: expected an http:// or https:// URL ({BAD_URLS[url]}), got {url!r}"
+    )
+    for good in ("http://[::1]:8000", "https://example.org:8443/a/b.zip?x=1", "http://127.0.0.1:8000/x"):
+        assert getattr(parse(DownloadParams, {**PARAMS["download"], key: good}), key) == good
+
+
+def test_a_bad_mirror_stops_the_stage_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = copy.deepcopy(PARAMS)
+    params["download"]["mirror"] = "http://[::1"  # ended in "ValueError: Invalid IPv6 URL" and a traceback
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stage in ("download", "images"):
+        with pytest.raises(SystemExit) as exited:
+            run_stage(importlib.import_module(f"stages.{stage}").main)
+        assert exited.value.code == 1
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert lines == [
+            "error: params.yaml download.mirror: expected an http:// or https:// URL (malformed URL (Invalid IPv6 URL)), got 'http://[::1'"
+        ]

@@ -91,3 +91,35 @@ def test_own_dataset_flows_through_filter_images_split(tmp_path: Path, monkeypat
     assert not any(outcome.reason for outcome in results.values())
     _sides, split_report = split.split_dataset(coco, set(results), "stratified", 0.2, 0)
     assert split_report["val"]["classes"]["bus"]["images"] >= 1 and split_report["train"]["classes"]["bus"]["images"] >= 1
+
+
+def test_image_sizes_left_out_are_read_from_the_image_files(tmp_path: Path) -> None:
+    """Many tools write no width/height (COCO) or no <size> (VOC): the own folder's file header gives them."""
+    (tmp_path / "own/images").mkdir(parents=True)
+    Image.new("RGB", (64, 48)).save(tmp_path / "own/images/a.jpg", format="JPEG")
+    Image.new("RGB", (30, 20)).save(tmp_path / "own/images/b.jpg", format="JPEG")
+    images = [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg", "width": 0, "height": 0}]
+    write_json(tmp_path / "own/labels.json", {"images": images, "annotations": [], "categories": []})
+    coco = import_coco_folder(tmp_path / "own")
+    assert [(image["width"], image["height"]) for image in coco["images"]] == [(64, 48), (30, 20)]
+    images.append({"id": 3, "file_name": "gone.jpg", "height": 5})
+    write_json(tmp_path / "own/labels.json", {"images": images, "annotations": [], "categories": []})
+    with pytest.raises(
+        PipelineError, match=r"labels\.json: image 'gone\.jpg' has no 'width', and \S+gone\.jpg to read it from is missing"
+    ):
+        import_coco_folder(tmp_path / "own")
+
+    make_voc(tmp_path / "voc", 2)
+    xml = tmp_path / "voc/Annotations/img0.xml"
+    xml.write_text(xml.read_text().replace("<size><width>64</width><height>48</height><depth>3</depth></size>", ""))
+    (tmp_path / "voc/Annotations/img1.xml").write_text(
+        VOC_XML.format(name="img1.jpg", cls="car").replace(
+            "<width>64</width><height>48</height>", "<width>0</width><height>0</height>"
+        )
+    )
+    assert [(image["width"], image["height"]) for image in import_voc_folder(tmp_path / "voc")["images"]] == [(64, 48)] * 2
+    (tmp_path / "voc/JPEGImages/img0.jpg").write_bytes(b"not an image")
+    with pytest.raises(
+        PipelineError, match=r"img0\.xml: no <size> with a positive <width> and <height>, and \S+img0\.jpg does not tell"
+    ):
+        import_voc_folder(tmp_path / "voc")

@@ -20,13 +20,16 @@ def printed(out: str, tag: str) -> str:
     return next(line.removeprefix(f"{tag} ") for line in out.splitlines() if line.startswith(f"{tag} "))
 
 
-def repeated_folder(repo: Path, side: str, dest: Path, copies: int) -> int:
+def repeated_folder(repo: Path, side: str, dest: Path, copies: int, crowds: bool = False) -> int:
     """Model Maker's COCO folder of one split side, its images listed ``copies`` times under new names and ids.
 
     Over 100 images, so the cache has several shards and the round-robin order is checked; one more
-    image has only a box outside it, so both writers must skip it and shift the round robin.
+    image has only a box outside it, so both writers must skip it and shift the round robin. Crowd
+    regions are left out (as ``model_maker_folder`` does for Model Maker's writer) unless ``crowds``.
     """
     coco = json.loads((repo / "data/split" / side / "labels.json").read_text())
+    if not crowds:
+        coco["annotations"] = [ann for ann in coco["annotations"] if not ann.get("iscrowd")]
     (dest / "images").mkdir(parents=True)
     images, annotations = [], []
     for copy in range(copies):
@@ -48,16 +51,38 @@ def repeated_folder(repo: Path, side: str, dest: Path, copies: int) -> int:
 
 def test_parallel_cache_writes_model_makers_bytes(tiny_pipeline: PipelineRun, tmp_path: Path) -> None:
     listed = repeated_folder(tiny_pipeline.repo, "train", tmp_path / "train", copies=8)
+    assert repeated_folder(tiny_pipeline.repo, "train", tmp_path / "crowds" / "train", copies=8, crowds=True) == listed
     code = """
 import filecmp, sys
 from pathlib import Path
 from trafficdet.modelmaker import quiet_tensorflow, write_coco_cache
 quiet_tensorflow()
+import tensorflow as tf
 folder, out = Path(sys.argv[1]), Path(sys.argv[2])
 sizes = [write_coco_cache(folder, out / kind, parallel=kind == "parallel")[1] for kind in ("model_maker", "parallel")]
 theirs, ours = (sorted(p.name for p in (out / kind).iterdir()) for kind in ("model_maker", "parallel"))
 same = theirs == ours and all(filecmp.cmp(out / "model_maker" / n, out / "parallel" / n, shallow=False) for n in ours)
 print("result", sizes, len(ours), same)
+# With the crowd regions kept (the train side's ignore regions): each record is Model Maker's plus the
+# regions after its objects, flagged image/object/is_crowd.
+write_coco_cache(folder.parent / "crowds" / folder.name, out / "regions")
+records = {kind: [r.numpy() for n in sorted((out / kind).glob("*.tfrecord*")) for r in tf.data.TFRecordDataset(str(n))]
+           for kind in ("model_maker", "regions")}
+flagged, stripped_same = 0, len(records["regions"]) == len(records["model_maker"])
+for theirs_record, ours_record in zip(records["model_maker"], records["regions"]):
+    example = tf.train.Example.FromString(ours_record)
+    features = example.features.feature
+    crowd = list(features["image/object/is_crowd"].int64_list.value) if "image/object/is_crowd" in features else []
+    flagged += sum(crowd)
+    if crowd:
+        del features["image/object/is_crowd"]
+        objects = crowd.count(0)
+        assert crowd == [0] * objects + [1] * (len(crowd) - objects)
+        for key in ("xmin", "xmax", "ymin", "ymax"):
+            del features[f"image/object/bbox/{key}"].float_list.value[objects:]
+        del features["image/object/class/label"].int64_list.value[objects:]
+    stripped_same &= tf.train.Example.FromString(theirs_record) == example
+print("regions", flagged, stripped_same)
 from trafficdet.errors import PipelineError
 broken = folder / "images" / sys.argv[3]
 data = broken.read_bytes()
@@ -76,6 +101,10 @@ except PipelineError as err:
     assert json.loads(sizes) == [listed - 1, listed - 1]  # the image with only an outside box is skipped by both
     assert int(files) == 1 + (listed + 99) // 100  # metadata + shards of 100 images
     assert same == "True"
+    flagged, stripped_same = printed(out, "regions").split()
+    train = json.loads((tiny_pipeline.repo / "data/split/train/labels.json").read_text())
+    assert int(flagged) == 8 * sum(1 for ann in train["annotations"] if ann.get("iscrowd")) > 0
+    assert stripped_same == "True"
     # a JPEG that no longer decodes: one line naming it (the images stage had verified every file)
     line = error.strip()
     assert line.startswith(f"{folder / 'images' / broken}: not a readable JPEG (") and "\n" not in line
@@ -83,30 +112,49 @@ except PipelineError as err:
 
 
 def test_training_input_is_model_makers_bit_for_bit(cached_repo: Path) -> None:  # noqa: F811
-    """Two epochs (reshuffled) of Model Maker's training pipeline and of ours, under the stage's seeding."""
+    """Two epochs (reshuffled) of Model Maker's training pipeline and of ours, under the stage's seeding: the same
+    bits, but for the anchors over the train cache's crowd regions, which ours ignores (Model Maker is shown the
+    objects alone, as its own writer would cache them)."""
     code = """
 from pathlib import Path
 import numpy as np
 from trafficdet.modelmaker import load_dataset, model_spec, quiet_tensorflow, training_dataset
 quiet_tensorflow()
 import tensorflow as tf
+from mediapipe_model_maker.python.vision.object_detector.dataset import Dataset
 from mediapipe_model_maker.python.vision.object_detector.preprocessor import Preprocessor
 tf.config.experimental.enable_op_determinism()
 preprocessor = Preprocessor(model_spec("mobilenet_multi_avg", Path("unused")))
 data = load_dataset("train")
+def objects_only(example):
+    keep = tf.where(tf.logical_not(example["groundtruth_is_crowd"]))[:, 0]
+    boxwise = ("groundtruth_classes", "groundtruth_boxes", "groundtruth_is_crowd", "groundtruth_area")
+    return {**example, **{key: tf.gather(example[key], keep) for key in boxwise}}
+objects = Dataset(dataset=data._dataset.map(objects_only), label_names=data.label_names, size=len(data))
 def two_epochs(make):
     tf.keras.utils.set_random_seed(42)
-    return [[array.numpy() for batch in make() for array in tf.nest.flatten(batch)] for _ in range(2)]
-theirs = two_epochs(lambda: data.gen_tf_dataset(4, is_training=True, shuffle=True, preprocess=preprocessor))
+    return [[tf.nest.map_structure(lambda t: t.numpy(), batch) for batch in make()] for _ in range(2)]
+theirs = two_epochs(lambda: objects.gen_tf_dataset(4, is_training=True, shuffle=True, preprocess=preprocessor))
 ours = two_epochs(lambda: training_dataset(data, preprocessor, 4, True))
-same = all(len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b)) for a, b in zip(theirs, ours))
-reshuffled = not all(np.array_equal(x, y) for x, y in zip(*theirs))
-print("result", len(theirs[0]), same, reshuffled)
+same, ignored, arrays = True, 0, 0
+for their_epoch, our_epoch in zip(theirs, ours):
+    same &= len(their_epoch) == len(our_epoch)
+    for (their_image, their_labels), (our_image, our_labels) in zip(their_epoch, our_epoch):
+        their_weights, our_weights = their_labels.pop("cls_weights"), our_labels.pop("cls_weights")
+        flat_theirs, flat_ours = tf.nest.flatten((their_image, their_labels)), tf.nest.flatten((our_image, our_labels))
+        same &= all(np.array_equal(x, y) for x, y in zip(flat_theirs, flat_ours, strict=True))
+        differ = their_weights != our_weights
+        same &= bool((our_weights[differ] == 0).all() and (their_weights[differ] == 1).all())
+        ignored += int(differ.sum())
+        arrays += len(flat_ours) + 1
+reshuffled = not all(np.array_equal(x, y) for x, y in zip(tf.nest.flatten(theirs[0]), tf.nest.flatten(theirs[1])))
+print("result", arrays // 2, same, reshuffled, ignored)
 """
-    arrays, same, reshuffled = printed(run([sys.executable, "-c", code], cached_repo).stdout, "result").split()
+    arrays, same, reshuffled, ignored = printed(run([sys.executable, "-c", code], cached_repo).stdout, "result").split()
     assert int(arrays) > 8 * 4  # several batches of image + labels
     assert same == "True"
     assert reshuffled == "True"  # the epochs differ: the comparison covers the shuffle's seed too
+    assert int(ignored) > 0  # the fixture's crowd regions (train2017 images) reach training as ignore regions
 
 
 @pytest.mark.slow

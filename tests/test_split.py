@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pytest
@@ -180,11 +181,25 @@ def check_split(classes_of: dict[int, set[int]], val_fraction: float, seed: int)
     train = {image["id"] for image in sides["train"]["images"]}
     n = len(classes_of)
     assert not val & train and val | train == set(classes_of)  # disjoint, complete
-    assert abs(len(val) - round(n * val_fraction)) <= 1 and len(val) == validation_size(n, val_fraction)
-    assert 1 <= len(val) <= n - 1
+    assert len(val) == expected_validation_size(n, val_fraction)
     assert val == stratified_split(classes_of, val_fraction, seed)  # seeded: the same again
     assert report["val"]["images"] == len(val)
     return val
+
+
+def expected_validation_size(n: int, val_fraction: float) -> int:
+    """The documented rule, computed another way: decimal arithmetic, ROUND_HALF_UP, then the clamp to [1, n-1]."""
+    exact = (Decimal(str(val_fraction)) * n).quantize(Decimal(1), rounding=ROUND_HALF_UP)
+    return min(max(int(exact), 1), n - 1)
+
+
+def test_validation_size_is_round_half_up_of_the_written_fraction_clamped_to_both_sides() -> None:
+    for k in range(1, 100):
+        val_fraction = float(f"0.{k:02d}")  # what YAML reads for `val_fraction: 0.29`
+        for n in range(2, 301):
+            assert validation_size(n, val_fraction) == expected_validation_size(n, val_fraction), (n, val_fraction)
+    assert validation_size(50, 0.29) == 15  # 14.5: the float product 14.499999999999998 used to give 14
+    assert validation_size(2, 0.1) == 1 and validation_size(10, 0.99) == 9  # the clamp: both sides keep an image
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)  # the same examples every run: a stable suite

@@ -15,8 +15,8 @@ from trafficdet.errors import PipelineError
 class Image(msgspec.Struct):
     id: int
     file_name: str
-    width: int = 0
-    height: int = 0
+    width: int | None = None  # required (load_pool): boxes are placed and clipped by them
+    height: int | None = None
     coco_url: str | None = None
     local_path: str | None = None
 
@@ -78,6 +78,14 @@ def load_pool(files: list[Path]) -> Pool:
             if known != category.name:
                 raise PipelineError(f"{path}: category id {category.id} is {category.name!r} here but {known!r} elsewhere")
         for image in data.images:
+            for name, value in (("width", image.width), ("height", image.height)):
+                if value is None or value <= 0:
+                    found = "missing" if value is None else f"{value}"
+                    raise PipelineError(
+                        f"{path}: image {image.id} ({image.file_name!r:.80}) has no '{name}' ({found}): every image needs "
+                        "its width and height to place its boxes; add them to the file (for your own folder, "
+                        "download.source: coco_folder reads them from the image files)"
+                    )
             if image.id in origin_of:
                 raise PipelineError(f"{path}: image id {image.id} also appears in {origin_of[image.id]}")
             origin_of[image.id] = path

@@ -14,6 +14,7 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import urllib3
 from tqdm import tqdm
 
 from trafficdet.errors import PipelineError
-from trafficdet.params import DownloadParams
+from trafficdet.params import DownloadParams, url_problem
 
 COCO_HOST_PREFIXES = ("http://images.cocodataset.org/", "https://images.cocodataset.org/")
 CHUNK = 1 << 16  # small enough that a dropped connection loses little
@@ -43,6 +44,10 @@ class HTTPStatusError(PipelineError):
 
 class RefusedURLError(PipelineError):
     """A URL (or a redirect to one) that is not http(s) or names a host nobody configured."""
+
+
+class RefusedRedirectError(RefusedURLError):
+    """The server redirected where the params do not allow (or too often): its answer, not the URL's fault."""
 
 
 @dataclass(frozen=True)
@@ -93,20 +98,6 @@ class HostPolicy:
             else f"host {urlsplit(url).hostname!r} is neither the annotations' host nor the mirror "
             "(add it to download.allowed_hosts to allow it)"
         )
-
-
-def url_problem(url: str) -> str:
-    """Why ``url`` is not a fetchable http(s) URL, or ""."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a malformed port
-    except ValueError as err:
-        return f"malformed URL ({err})"
-    if parts.scheme not in ("http", "https"):
-        return f"scheme {parts.scheme + ':' if parts.scheme else 'missing'} is not fetched (http and https only)"
-    if not parts.hostname:
-        return "URL without a host"
-    return ""
 
 
 def rewrite_mirror(url: str, mirror: str) -> str:
@@ -164,8 +155,23 @@ def _network_reason(err: Exception) -> str:
     return "connection failed"
 
 
+def _failed_host(err: Exception, url: str) -> str:
+    """The host whose connection failed: after a redirect, the one redirected to, not ``url``'s.
+
+    requests attaches the request it was sending (the redirected one, when it follows them).
+    """
+    request = getattr(err, "request", None)
+    parts = urlsplit(getattr(request, "url", None) or url)
+    host = parts.hostname or ""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{parts.port}" if parts.port else shown
+
+
 def _is_drive(url: str) -> bool:
-    return urlsplit(url).hostname in ("drive.google.com", "docs.google.com", "drive.usercontent.google.com")
+    try:
+        return urlsplit(url).hostname in ("drive.google.com", "docs.google.com", "drive.usercontent.google.com")
+    except ValueError:  # malformed: url_problem says why
+        return False
 
 
 def fetch(
@@ -180,6 +186,7 @@ def fetch(
     session: requests.Session | None = None,
     hosts: HostPolicy | None = None,
     resumable: bool = True,
+    accept: Callable[[Path, str], str] | None = None,
 ) -> Path:
     """Download ``url`` to ``dest``: resumable, retried, verified, renamed into place.
 
@@ -189,7 +196,9 @@ def fetch(
     403/404 errors to name the param that offers a way out. With ``hosts``, ``url`` and
     every redirect must stay on those hosts (``RefusedURLError`` otherwise); without, redirects
     are followed (for URLs the user wrote into params.yaml). Without ``resumable`` the
-    partial file is removed when the download fails (small files: not worth resuming).
+    partial file is removed when the download fails (small files: not worth resuming). ``accept``
+    judges a complete answer (the file, its Content-Type): a problem it names (an empty body, an
+    HTML page) is retried like a dropped connection, and after the last attempt raised.
     """
     problem = hosts.problem(url) if hosts else ("" if _is_drive(url) else url_problem(url))
     if problem:
@@ -204,7 +213,7 @@ def fetch(
         _fetch_drive(url, partial)
     else:
         try:
-            _fetch_http(url, partial, policy, progress, hint, session or thread_session(), hosts, resumable)
+            _fetch_http(url, partial, policy, progress, hint, session or thread_session(), hosts, resumable, accept)
         except BaseException:
             if not resumable:
                 partial.unlink(missing_ok=True)
@@ -232,6 +241,7 @@ def _fetch_http(
     session: requests.Session,
     hosts: HostPolicy | None,
     resumable: bool,
+    accept: Callable[[Path, str], str] | None = None,
 ) -> None:
     """Fill ``partial`` with the whole body of ``url``, resuming with Range requests."""
     last_problem = ""
@@ -274,12 +284,17 @@ def _fetch_http(
                 if expected_total is not None and size < expected_total:
                     last_problem = f"connection dropped at {size} of {expected_total} bytes"
                     continue
+                problem = accept(partial, response.headers.get("Content-Type", "")) if accept else ""
+                if problem:  # a bad answer, maybe of a bad moment: ask again, from the start
+                    partial.unlink()
+                    last_problem = problem
+                    continue
                 return
         except _TooSlowError as slow:
             last_problem = f"timed out ({slow}; {SLOW_HINT})"
         except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as err:
             last_problem = _network_reason(err)
-            host = urlsplit(url).hostname
+            host = _failed_host(err, url)
             if last_problem == "timed out":
                 last_problem = f"timed out (no bytes for {policy.timeout_s:g} s; {SLOW_HINT})"
             elif partial.exists() and partial.stat().st_size > have:
@@ -290,9 +305,8 @@ def _fetch_http(
             last_problem = "connection dropped mid-transfer"
         except requests.RequestException as err:  # InvalidURL, InvalidSchema, ...: retrying will not help
             raise RefusedURLError(f"download {url}: {type(err).__name__}: {err}".splitlines()[0]) from None
-    kept = (
-        f"partial file kept at {partial}; rerun to resume" if resumable and partial.exists() else "rerun when the network is back"
-    )
+    again = "rerun when the network and server are back"
+    kept = f"partial file kept at {partial}; rerun to resume" if resumable and partial.exists() else again
     attempts = f"{policy.retries + 1} attempt{'s' if policy.retries else ''}"
     raise PipelineError(f"download {url}: {last_problem} after {attempts} ({kept}, or set download.mirror)")
 
@@ -307,9 +321,9 @@ def _get(session: requests.Session, url: str, headers: dict[str, str], policy: R
         response.close()
         problem = hosts.problem(target)
         if problem:
-            raise RefusedURLError(f"download {url}: redirect to {target} refused: {problem}")
+            raise RefusedRedirectError(f"download {url}: redirect to {target} refused: {problem}")
         url = target
-    raise RefusedURLError(f"download {url}: more than {MAX_REDIRECTS} redirects")
+    raise RefusedRedirectError(f"download {url}: more than {MAX_REDIRECTS} redirects")
 
 
 class _TooSlowError(Exception):

@@ -34,15 +34,19 @@ def quiet_tensorflow() -> None:
 
 
 @contextlib.contextmanager
-def model_maker_folder(labels_file: Path, store: Path = IMAGE_STORE, scratch: Path | None = None) -> Iterator[Path]:
+def model_maker_folder(
+    labels_file: Path, store: Path = IMAGE_STORE, scratch: Path | None = None, ignore_regions: bool = False
+) -> Iterator[Path]:
     """Model Maker's ``<dir>/images/*.jpg`` + ``<dir>/labels.json`` view of a split, for one block.
 
     The split stage writes only label files (a cached output DVC can push and pull);
     this builds the folder Model Maker insists on from symlinks into ``store`` in a
     throwaway directory (in ``scratch``, default: the process's temp dir), and removes it afterwards.
-    Crowd regions (``iscrowd: 1``) are left out of its ``labels.json``: Model Maker's cache
-    writer has no crowd field and would train on them as objects; they stay in the split's
-    labels for COCOeval, which ignores detections matched to them.
+    Crowd regions (``iscrowd: 1``) are left out of its ``labels.json`` (Model Maker's own cache
+    writer has no crowd field and would train on them as objects) unless ``ignore_regions``:
+    then they stay, for ``write_coco_cache`` to flag them (``image/object/is_crowd``) and the
+    training input to ignore the anchors over them (``_train_preprocess``). They stay in the
+    split's labels for COCOeval, which ignores detections matched to them.
     The folder itself is named after the side (``<temp>/train/``): Model Maker hashes its name
     into the cache's file prefix, which must not change from run to run.
     """
@@ -57,8 +61,9 @@ def model_maker_folder(labels_file: Path, store: Path = IMAGE_STORE, scratch: Pa
             if not source.is_file():
                 raise PipelineError(f"{source}: missing (listed in {labels_file}); run the images stage (dvc repro images)")
             os.symlink(source.resolve(), folder / "images" / image["file_name"])
-        trained = {**coco, "annotations": [ann for ann in coco["annotations"] if not ann.get("iscrowd")]}
-        write_json(folder / "labels.json", trained)
+        if not ignore_regions:
+            coco = {**coco, "annotations": [ann for ann in coco["annotations"] if not ann.get("iscrowd")]}
+        write_json(folder / "labels.json", coco)
         yield folder
     finally:
         shutil.rmtree(parent, ignore_errors=True)
@@ -405,6 +410,7 @@ def _train_preprocess(preprocessor: Any) -> Any:
     def preprocess(data: Any, draws: tuple[Any, Any, Any]) -> Any:
         flip, random_scale, offset_fraction = draws
         classes, boxes, image = data["groundtruth_classes"], data["groundtruth_boxes"], data["image"]
+        crowd = data["groundtruth_is_crowd"]  # all False unless the cache flags ignore regions
         image_shape = tf.shape(input=image)[0:2]
         image = preprocess_ops.normalize_image(image, pre._mean_norm, pre._stddev_norm)
         with tf.name_scope("random_horizontal_flip"):
@@ -415,9 +421,16 @@ def _train_preprocess(preprocessor: Any) -> Any:
         image, image_info = _resize_and_crop(image, pre._output_size, pre._padded_size, random_scale, offset_fraction)
         boxes = preprocess_ops.resize_and_crop_boxes(boxes, image_info[2, :], image_info[1, :], image_info[3, :])
         indices = box_ops.get_non_empty_box_indices(boxes)
-        boxes, classes = tf.gather(boxes, indices), tf.gather(classes, indices)
+        boxes, classes, crowd = tf.gather(boxes, indices), tf.gather(classes, indices), tf.gather(crowd, indices)
+        objects = tf.where(tf.logical_not(crowd))[:, 0]  # every box when there is no ignore region: Model Maker's call
+        boxes, classes, regions = tf.gather(boxes, objects), tf.gather(classes, objects), tf.gather(boxes, tf.where(crowd)[:, 0])
         cls_targets, box_targets, _, cls_weights, box_weights = pre._anchor_labeler.label_anchors(
             pre.anchor_boxes, boxes, tf.expand_dims(classes, axis=1)
+        )
+        cls_weights = tf.cond(
+            tf.size(regions) > 0,
+            lambda: ignore_anchors(pre, cls_weights, box_weights, boxes, regions),
+            lambda: cls_weights,
         )
         labels = {
             "cls_targets": cls_targets,
@@ -430,6 +443,28 @@ def _train_preprocess(preprocessor: Any) -> Any:
         return tf.cast(image, dtype=pre._dtype), labels
 
     return preprocess
+
+
+def ignore_anchors(preprocessor: Any, cls_weights: Any, box_weights: Any, boxes: Any, regions: Any) -> Any:
+    """``cls_weights`` with 0 on the anchors an ignore region would claim: not taught "background" there.
+
+    tf-models' ``AnchorLabeler`` (as installed) has no ignore class: a ground truth of class -1
+    gives its anchors target -1, which the loss one-hot encodes as background, and a zero
+    ``gt_weights`` also silences the negatives whose best overlap is that box (with no overlap
+    at all the matcher's argmax picks the first box: every such anchor, when the region is first).
+    So the anchors are labelled from the objects alone, exactly as Model Maker does, and then
+    the anchors that match a region rather than an object (the labeler's own matcher over
+    objects + regions: IoU >= 0.5, or a region's best anchor) and are not positives of an
+    object get classification weight 0. Their box weight is already 0 (not positives).
+    """
+    import tensorflow as tf
+
+    labeler = preprocessor._anchor_labeler
+    anchors = tf.concat([tf.reshape(level, [-1, 4]) for level in preprocessor.anchor_boxes.values()], axis=0)
+    similarity = labeler.similarity_calc(anchors, tf.concat([boxes, regions], axis=0))
+    match, indicator = labeler.matcher(similarity)
+    claimed = tf.logical_and(match >= tf.cast(tf.shape(boxes)[0], match.dtype), indicator > 0)
+    return tf.where(tf.logical_and(claimed, box_weights <= 0), tf.zeros_like(cls_weights), cls_weights)
 
 
 def training_dataset(data: Any, preprocessor: Any, batch_size: int, shuffle: bool, drop_remainder: bool = False) -> Any:
@@ -578,11 +613,22 @@ def _write_cache_in_parallel(folder: Path, files: Any, label_map: dict[int, str]
             chunk = coco["images"][first : first + CACHE_BATCH]
             for image, encoded, shape in zip(chunk, encoded_chunk, shapes, strict=True):
                 height, width = int(shape[0]), int(shape[1])
-                boxes, _ = dataset_util._coco_annotations_to_lists(annotations.get(image["id"], []), height, width)
+                objects = [ann for ann in annotations.get(image["id"], []) if not ann.get("iscrowd")]
+                boxes, _ = dataset_util._coco_annotations_to_lists(objects, height, width)
                 if not boxes["xmin"]:
                     continue  # as Model Maker: an image with no box left is not cached
                 features = tfrecord_lib.image_info_to_feature_dict(height, width, image["file_name"], image["id"], encoded, "jpg")
-                features.update(dataset_util._bbox_data_to_feature_dict(boxes))
+                regions, _ = dataset_util._coco_annotations_to_lists(
+                    [ann for ann in annotations.get(image["id"], []) if ann.get("iscrowd")], height, width
+                )
+                if regions["xmin"]:  # ignore regions (model_maker_folder's ignore_regions) after the objects, flagged
+                    boxes = {key: boxes[key] + regions[key] for key in boxes}
+                    features.update(dataset_util._bbox_data_to_feature_dict(boxes))
+                    features["image/object/is_crowd"] = tfrecord_lib.convert_to_feature(
+                        [0] * (len(boxes["xmin"]) - len(regions["xmin"])) + [1] * len(regions["xmin"]), "int64_list"
+                    )
+                else:  # Model Maker's bytes
+                    features.update(dataset_util._bbox_data_to_feature_dict(boxes))
                 example = tf.train.Example(features=tf.train.Features(feature=features))
                 writers[size % len(writers)].write(example.SerializeToString())
                 size += 1
@@ -627,6 +673,7 @@ def restore_trained_float(
         )
         create_model(detector, bn_momentum, replicas, jit_compile=jit_compile)
         detector._model.load_checkpoint(str(checkpoint), include_last_layer=True)
+    parallel_preprocessing(train_data, detector._preprocessor)  # QAT's input, as after create_and_train
 
 
 def convert_to_qat(detector: Any) -> None:

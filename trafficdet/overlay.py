@@ -79,12 +79,18 @@ def apply_relabel(pool: Pool, files: list[Path]) -> Overlay:
     return overlay
 
 
+def coco_light_ids(pool: Pool) -> set[int]:
+    """The ids named COCO's ``traffic light`` (10 in COCO 2017)."""
+    return {cid for cid, name in pool.categories.items() if name == COCO_LIGHT}
+
+
 def watched_lights(pool: Pool, mapping: dict[int, int], overlay: Overlay | None) -> set[int]:
     """COCO's ``traffic light`` ids whose boxes must not become background.
 
-    That is when colour classes from the overlay are chosen and ``traffic light`` itself is
-    not: a light the overlay left at 10 would otherwise be dropped while its image is kept.
+    That is when colour classes from the overlay are chosen (``traffic light`` itself then
+    cannot be, see ``filter.resolve_classes``): a light the overlay left at 10 would otherwise
+    be dropped while its image is kept.
     """
     if overlay is None or not any(source in overlay.categories for source in mapping):
         return set()
-    return {cid for cid, name in pool.categories.items() if name == COCO_LIGHT and cid not in mapping}
+    return {cid for cid in coco_light_ids(pool) if cid not in mapping}

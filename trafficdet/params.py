@@ -11,9 +11,10 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trafficdet.architectures import ARCHITECTURES, START_POINTS
 from trafficdet.errors import PipelineError
@@ -26,7 +27,33 @@ NonNegativeFloat = Annotated[float, Field(ge=0, description="a number >= 0")]
 Fraction = Annotated[float, Field(gt=0, lt=1, description="a number between 0 and 1 (exclusive)")]
 Score = Annotated[float, Field(ge=0, le=1, description="a score from 0 to 1")]
 Checksum = Annotated[str, Field(pattern=r"^((md5|sha256):[0-9a-fA-F]+)?$", description="'' or 'md5:<hex>' or 'sha256:<hex>'")]
-Url = Annotated[str, Field(pattern=r"^https?://\S+$", description="an http:// or https:// URL")]
+
+
+def url_problem(url: str) -> str:
+    """Why ``url`` is not a fetchable http(s) URL, or "": the one check, for params.yaml and downloaded records alike."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a malformed or out-of-range port
+    except ValueError as err:  # also an unclosed or invalid [IPv6] bracket
+        return f"malformed URL ({err})"
+    if parts.scheme not in ("http", "https"):
+        return f"scheme {parts.scheme + ':' if parts.scheme else 'missing'} is not fetched (http and https only)"
+    host = parts.hostname
+    if not host:
+        return "URL without a host"
+    if ":" not in host and not all(char.isalnum() or char in "-._" for char in host):  # ':' only in an [IPv6] literal
+        return f"host {host!r} is not a host name"
+    return ""
+
+
+def _fetchable(url: str) -> str:
+    problem = url_problem(url) if url else ""
+    if problem:
+        raise ValueError(f"an http:// or https:// URL ({problem})")
+    return url
+
+
+Url = Annotated[str, Field(pattern=r"^https?://\S+$", description="an http:// or https:// URL"), AfterValidator(_fetchable)]
 HostName = Annotated[
     str,
     Field(
@@ -34,7 +61,9 @@ HostName = Annotated[
         description="a host name such as 'example.org' (no scheme, port or path)",
     ),
 ]
-OptionalUrl = Annotated[str, Field(pattern=r"^(https?://\S+)?$", description="'' or an http:// or https:// URL")]
+OptionalUrl = Annotated[
+    str, Field(pattern=r"^(https?://\S+)?$", description="'' or an http:// or https:// URL"), AfterValidator(_fetchable)
+]
 
 Architecture = Literal["mobilenet_v2", "mobilenet_v2_i320", "mobilenet_multi_avg", "mobilenet_multi_avg_i384"]
 StartPoint = Literal["mobilenet_v2_imagenet", Architecture]
@@ -83,7 +112,7 @@ class FilterParams(Section):
         list[Literal["train2017", "val2017"]], Field(description="a list of train2017, val2017 (may be empty)")
     ]
     seed: int
-    unrelabelled_lights: Literal["exclude", "traffic_light"]
+    unrelabelled_lights: Literal["exclude", "traffic_light", "ignore"]
     min_box_side: NonNegativeFloat
 
     @field_validator("classes")

@@ -11,6 +11,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from PIL import Image as PILImage
+
 from trafficdet.errors import PipelineError
 from trafficdet.io import read_json
 
@@ -34,7 +36,25 @@ def import_coco_folder(root: Path) -> dict[str, Any]:
         if not isinstance(name, str):
             raise PipelineError(f"{labels}: image entry without a file_name string: {image!r:.200}")
         image["local_path"] = f"{image_dir.name}/{name}"
+        missing = [key for key in ("width", "height") if not _positive(image.get(key))]
+        if missing:  # many tools leave them out; the file is at hand
+            image["width"], image["height"] = header_size(image_dir / name, f"{labels}: image {name!r} has no '{missing[0]}'")
     return data
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def header_size(path: Path, problem: str) -> tuple[int, int]:
+    """(width, height) from an image file's header: Pillow reads it without decoding the pixels."""
+    try:
+        with PILImage.open(path) as image:
+            return image.size
+    except FileNotFoundError:
+        raise PipelineError(f"{problem}, and {path} to read it from is missing") from None
+    except Exception as err:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError... for bad files
+        raise PipelineError(f"{problem}, and {path} does not tell it ({type(err).__name__})") from None
 
 
 def _voc_int(node: ET.Element | None, tag: str, xml_path: Path) -> float:
@@ -43,6 +63,12 @@ def _voc_int(node: ET.Element | None, tag: str, xml_path: Path) -> float:
         return float(found.text)  # type: ignore[union-attr, arg-type]
     except (AttributeError, TypeError, ValueError):
         raise PipelineError(f"{xml_path}: missing or non-numeric <{tag}>") from None
+
+
+def _unset(size: ET.Element | None, tag: str) -> bool:
+    """A <size> field left out, empty or 0 (a non-numeric one is an error, from ``_voc_int``)."""
+    text = size.findtext(tag) if size is not None else None
+    return text is None or text.strip() in ("", "0", "0.0")
 
 
 def import_voc_folder(root: Path) -> dict[str, Any]:
@@ -58,15 +84,12 @@ def import_voc_folder(root: Path) -> dict[str, Any]:
             raise PipelineError(f"{xml_path}: not valid XML ({err})") from None
         file_name = (tree.findtext("filename") or f"{xml_path.stem}.jpg").strip()
         size = tree.find("size")
-        images.append(
-            {
-                "id": image_id,
-                "file_name": file_name,
-                "width": int(_voc_int(size, "width", xml_path)),
-                "height": int(_voc_int(size, "height", xml_path)),
-                "local_path": f"{image_dir.name}/{file_name}",
-            }
-        )
+        given = [None if _unset(size, tag) else int(_voc_int(size, tag, xml_path)) for tag in ("width", "height")]
+        if None in given:  # labelling tools often write no <size>, or 0 x 0: the image file is at hand
+            given = list(header_size(image_dir / file_name, f"{xml_path}: no <size> with a positive <width> and <height>"))
+        width, height = given
+        local_path = f"{image_dir.name}/{file_name}"
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height, "local_path": local_path})
         for obj in tree.iter("object"):
             name = (obj.findtext("name") or "").strip()
             if not name:

@@ -7,8 +7,12 @@ or extracted again, decoded once, and only then renamed into the store. Download
 annotations are data: their names must be plain file names, their URLs http(s) on a
 host the params name, and a ``local_path`` is honoured only for the user's own dataset
 (``download.source: coco_folder | voc``) and only inside ``download.source_path``.
-A bad record is rejected with its reason; only the network, the disk or a broken
-archive stop the stage.
+A bad record, or a file that is bad in itself (answered in full, it does not decode; the
+server says it is not there: 404, 410), is rejected, named by its URL and the reason. Anything
+that may be a bad moment of the server or the network (an empty answer, an HTML page, a 5xx
+or a timeout after the retries, a refused redirect, a 401/403) stops the stage with one line,
+so that ``data/images.json`` never records one: the next ``dvc repro`` asks again. So do the
+disk and a broken archive.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from trafficdet.fetch import (
     COCO_HOST_PREFIXES,
     HostPolicy,
     HTTPStatusError,
+    RefusedRedirectError,
     RefusedURLError,
     RetryPolicy,
     fetch,
@@ -137,14 +142,36 @@ def origin(image: dict[str, Any], sources: Sources) -> tuple[str, Path | None, s
     return ("", None, f"{_short(url, 120)}: {problem}") if problem else (url, None, "")
 
 
+NOT_AN_IMAGE = ("text/", "application/json", "application/xml", "application/xhtml")
+MISSING_STATUS = (404, 410)  # the server says the file is not there: a property of the URL, counted
+
+
+def response_problem(path: Path, content_type: str) -> str:
+    """Why a complete answer to an image URL is no image at all (retried, then fatal), or "".
+
+    An empty body or an error page says nothing about the image: servers and proxies send them
+    at bad moments. A body that claims to be an image and fails to decode is judged later, as a file.
+    """
+    if path.stat().st_size == 0:
+        return "empty response (0 bytes)"
+    kind = content_type.split(";")[0].strip().lower()
+    if kind.startswith(NOT_AN_IMAGE):
+        return f"a {kind} page, not an image"
+    with open(path, "rb") as handle:
+        if handle.read(64).lstrip().startswith(b"<"):  # no image format starts with '<'
+            return "an HTML or XML page, not an image"
+    return ""
+
+
 def verify_image(path: Path, width: int | None, height: int | None) -> str:
-    """Decode the whole file once; return "" if usable, else why not."""
+    """Decode the whole file once; return "" if usable, else why not (never naming ``path``: a temp file)."""
     try:
         with Image.open(path) as image:
             image.load()
             size, fmt = image.size, image.format
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-        return f"corrupt image: {_short(str(err).splitlines()[0]) if str(err) else type(err).__name__}"
+        text = str(err).splitlines()[0].replace(f" {str(path)!r}", "").replace(str(path), "the file") if str(err) else ""
+        return f"corrupt image: {_short(text) if text else type(err).__name__}"
     if fmt != "JPEG":
         return f"{fmt} image: Model Maker's COCO reader decodes JPEG only"
     if width and height and size != (width, height):
@@ -187,10 +214,10 @@ def _temps(*paths: Path) -> Iterator[None]:
 
 
 def install(image: dict[str, Any], new: Path, dest: Path, url: str, action: str) -> Outcome:
-    """Decode ``new``; if usable, rename it to ``dest`` and record it."""
+    """Decode ``new``; if usable, rename it to ``dest`` and record it; else reject it, named by ``url``."""
     reason = verify_image(new, image.get("width"), image.get("height"))
     if reason:
-        return Outcome(reason, action="rejected")
+        return Outcome(f"{_short(url, 120)}: {reason}", action="rejected")
     record = Record(url, file_digest(new))
     _clear(dest)
     os.replace(new, dest)
@@ -222,9 +249,22 @@ def materialize_one(image: dict[str, Any], store: Path, sources: Sources) -> Out
             outcome = install(image, new, dest, url, "linked")
         else:
             try:
-                fetch(url, new, policy=sources.policy, partial=part, progress=False, hosts=sources.hosts, resumable=False)
+                fetch(
+                    url,
+                    new,
+                    policy=sources.policy,
+                    partial=part,
+                    progress=False,
+                    hosts=sources.hosts,
+                    resumable=False,
+                    accept=response_problem,
+                )
             except HTTPStatusError as err:
-                return Outcome(f"HTTP {err.status}", action="rejected", ignored_local_path=ignored)
+                if err.status not in MISSING_STATUS:  # 401/403: access, not the file
+                    raise
+                return Outcome(_short(str(err).removeprefix("download ")), action="rejected", ignored_local_path=ignored)
+            except RefusedRedirectError:
+                raise  # where the server sends us today, not what the record says
             except RefusedURLError as err:
                 return Outcome(_short(str(err).removeprefix("download ")), action="rejected", ignored_local_path=ignored)
             outcome = install(image, new, dest, url, "fetched")

@@ -5,7 +5,10 @@ either: scikit-learn stratifies single labels; scikit-multilearn's iterative str
 hits neither an exact validation count nor a guarantee that a class with two images lands on
 both sides, which is what breaks small datasets of many classes). Three steps:
 
-1. the validation count is ``round(N x val_fraction)`` (half up), within [1, N-1] for N >= 2;
+1. the validation count is ``round(N x val_fraction)``, half up, of the decimal written in
+   params.yaml (exact integer arithmetic: 50 x 0.29 gives 15, where the float product
+   14.499999... gave 14), then raised to 1 or lowered to N-1 when N >= 2 so that neither side
+   is empty (N=2, val_fraction 0.1: 1, not 0);
 2. *placement*: for every class with at least two images, one image on each side, rarest
    classes first. A greedy pick settles nearly every case; when it cannot, an exact search
    (depth-first over the images of the least-coverable class, images with the same classes
@@ -23,9 +26,9 @@ on any machine.
 
 from __future__ import annotations
 
-import math
 import random
 from collections import defaultdict
+from fractions import Fraction
 
 VAL, TRAIN = "val", "train"
 SIDES = (VAL, TRAIN)
@@ -36,8 +39,14 @@ class _OutOfBudgetError(Exception):
 
 
 def validation_size(n: int, val_fraction: float) -> int:
-    """``round(n x val_fraction)`` half up, kept within [1, n-1] when n >= 2 (both sides non-empty)."""
-    size = math.floor(n * val_fraction + 0.5)
+    """``round(n x val_fraction)`` half up, kept within [1, n-1] when n >= 2 (both sides non-empty).
+
+    Computed on the decimal the user wrote, exactly: ``repr`` of a float is the shortest decimal
+    that reads back as it (0.29 stays '0.29', not 0.28999999999999998), and the rounding is
+    integer arithmetic on that fraction, so no float product can land a hair below a half.
+    """
+    fraction = Fraction(repr(val_fraction))
+    size = (2 * n * fraction.numerator + fraction.denominator) // (2 * fraction.denominator)  # floor(n x f + 1/2)
     return min(max(size, 1), n - 1) if n >= 2 else min(size, n)
 
 
