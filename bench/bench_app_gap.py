@@ -5,7 +5,7 @@ Needs a repository whose evaluate stage has run (default: the demo's, .demo/repo
 
   keras (evaluate)            ``keras_batch_detections``: boxes clipped to the model's square
                               before NMS, to the frame after it (the app's rule)
-  keras, no clip after NMS    what evaluate reported before issue 18: boxes may reach into the padding
+  keras, no clip after NMS    evaluate's Keras path without the app's clip: boxes may reach into the padding
   file on Keras' tensors      models/model.tflite fed each image's Model Maker tensor, its boxes
                               mapped onto the padded square and clipped to the frame, as the app does
   ... in Tasks' whole pixels  the same boxes cut to whole pixels the way MediaPipe Tasks reports them

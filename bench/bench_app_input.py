@@ -7,7 +7,7 @@ and the evaluation decode them) and by Pillow (another JPEG decoder: how sensiti
 is to a level here and there), and puts each next to the Keras AP the evaluate stage
 measured (Model Maker's own letterbox pipeline). AP does not depend on machine load: no
 timing here.
-Targets (issue 10): TFLite AP within 0.02 of Keras; car/bus/truck AP50 each within 0.05.
+Targets: TFLite AP within 0.02 of Keras; car/bus/truck AP50 each within 0.05.
 """
 
 from __future__ import annotations

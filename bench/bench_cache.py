@@ -4,7 +4,7 @@ A synthetic COCO-sized set (640x480 JPEGs of about COCO's mean file size, see sy
 written by ``trafficdet.modelmaker.write_coco_cache`` with ``parallel=False`` (Model Maker's
 ``COCOCacheFilesWriter``: the baseline) and ``parallel=True``, each run in a fresh process pinned
 with ``taskset`` to 1 or 2 cores, the four kinds interleaved in every round. Every output must
-have the same bytes. Target (issue 11): ours >= 1.8x the baseline on 2 cores.
+have the same bytes. Target: ours >= 1.8x the baseline on 2 cores.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ counts, ~50-number polygons per box, COCO's category ids) plus a cocoTraffic-sty
 relabel file, then times in fresh processes, median of --runs:
   baseline: pycocotools.coco.COCO(file)           (load + index only)
   filter:   stages.filter.filter_dataset + writes  (the whole stage's work)
-Targets (issue 2): filter <= 15 s and <= 4 GB peak RSS on this 2-core machine.
+Targets: filter <= 15 s and <= 4 GB peak RSS on this 2-core machine.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Sequential (1 worker) vs parallel (--workers) runs of trafficdet.store.fetch_per_image,
 each on a fresh store, median of --runs. The server runs in its own process so it does
-not share the client's GIL. Target (issue 2): parallel >= 20x sequential.
+not share the client's GIL. Target: parallel >= 20x sequential.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from common import OUT, machine, median
 from synth import coco_folder, mean_jpeg_kb
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_RATE = 500  # images/s a GPU trains this 256-px model at (issue 11)
+GPU_RATE = 500  # an assumed GPU training rate for this 256-px model (no GPU measured here)
 
 CHILD = """
 import json, statistics, sys, time

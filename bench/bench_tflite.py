@@ -8,7 +8,7 @@ Then, in this process, for each file: COCO AP on the whole validation set and me
 per-frame latency of the app's detection (trafficdet/app.py: letterbox + MediaPipe Tasks)
 over --runs passes of --images validation frames, interleaved so drift hits every variant
 alike. The Keras AP beside them is the repository's evaluate stage's.
-Target (issue 3): int8 >= 1.4x faster than float32.
+Target: int8 >= 1.4x faster than float32.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ and split: sections (images_per_class etc. as committed) on
                commit 0b20996: 890 of train2017's 12,884 lights "discarded due to mislabelled or
                otherwise corrupt labels", 772 + 118 over its own train / val split).
                A computed estimate, not a measurement of the real files (no internet here).
-Writes bench/out/selection.json and prints a table for docs/selection-and-split.md.
+Writes bench/out/selection.json and prints a table for BENCHMARKS.md ("Selection counts").
 """
 
 from __future__ import annotations

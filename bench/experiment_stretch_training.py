@@ -1,8 +1,9 @@
 """Experiment record: train on stretched squares (what Tasks does to a raw frame) instead of padding frames.
 
-The alternative to the app's padding step (issue 10, option c), kept so its figures in
-BENCHMARKS.md can be re-run. In a copy of a trained demo repository (default .demo/repo,
-after `make demo`), it patches two functions of that copy, not of this checkout:
+The alternative to the app's padding step (docs/app.md, option (c)), kept so it can be re-run;
+its last figures predate the detection step inside the model and are no longer in BENCHMARKS.md.
+In a copy of a trained demo repository (default .demo/repo, after `make demo`), it patches two
+functions of that copy, not of this checkout:
 Model Maker's preprocessor is fed every image stretched to the model's square (so its
 letterbox pads nothing), and the Keras evaluation maps boxes back per axis. Then it
 re-runs train, export and evaluate there and scores the TFLite with bench_app_input.py

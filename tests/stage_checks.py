@@ -39,7 +39,7 @@ def one_error_line(result: subprocess.CompletedProcess[str], *needles: str) -> s
     return errors[0]
 
 
-# The native libraries' routine log lines (issue 19), by their own words: none may reach a healthy run's terminal.
+# The native libraries' routine log lines, by their own words: none may reach a healthy run's terminal.
 NATIVE_NOISE = (
     "GPU suport is not available",
     "absl::InitializeLog()",
