@@ -79,6 +79,7 @@ class StartPoint:
 
 
 IMAGENET = "mobilenet_v2_imagenet"
+SCRATCH = "scratch"  # download.pretrained / train.init: no start point, a seeded random initialisation
 START_POINTS = {
     IMAGENET: StartPoint(IMAGENET, KERAS_MOBILENET_V2_URL, ("mobilenet_v2", "mobilenet_v2_i320"), "keras_imagenet"),
     **{arch.name: StartPoint(arch.name, arch.checkpoint_url, (arch.name,), "modelmaker") for arch in ARCHITECTURES.values()},
