@@ -20,21 +20,22 @@ workers train in step with it and discard what they write (trafficdet/distribute
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trafficdet.modelmaker as mm
-from trafficdet.architectures import IMAGENET, START_POINTS
-from trafficdet.device import check_device_params, device_line, use_device
+from trafficdet.architectures import IMAGENET
+from trafficdet.device import device_line, use_device
 from trafficdet.distribute import (
     Distribution,
+    Folders,
     auto_shard_options,
     check_batches,
     check_same_start,
-    discard_worker_outputs,
     make_strategy,
+    output_folders,
     plan_distribution,
     restored_epochs,
     strategy_devices,
@@ -42,92 +43,85 @@ from trafficdet.distribute import (
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.history import make_history_callback
 from trafficdet.imagenet import copy_into_backbone
-from trafficdet.io import atomic_dir, read_json, write_json
+from trafficdet.io import atomic_dir, write_json
 from trafficdet.params import TrainParams, load
-from trafficdet.paths import PRETRAINED, TRAIN_LIVE, TRAIN_STATE, TRAIN_TIMING, TRAINED
-from trafficdet.resume import check_remote, fingerprint, keep_float_phase, mark_complete, owner, prepare_state
+from trafficdet.paths import TRAIN_STATE, TRAINED
+from trafficdet.resume import checked_remote, keep_float_phase, mark_complete, owner, prepare_state
 from trafficdet.resume_remote import ResumeRemote, make_push_callback, push_or_warn
+from trafficdet.start import Start, leakage_warning, resolve_start
 
 
-def validate(params: TrainParams, train_size: int, val_size: int) -> Distribution:
-    """Reject what params.yaml cannot check alone, before any TensorFlow work; return the plan."""
-    for key, batch in (("batch_size", params.batch_size), ("qat.batch_size", params.qat.batch_size)):
-        if batch > train_size and (key == "batch_size" or params.qat.enabled):
-            raise PipelineError(f"params.yaml train.{key}: {batch} is larger than the training set ({train_size} images)")
-    plan = plan_distribution(params)  # TF_CONFIG first: it is the one a multi-worker user meets first
-    check_device_params(params)
-    start_point(params)
-    check_batches(params, plan, val_size)
-    if params.qat.enabled and params.mixed_precision != "off":
-        raise PipelineError(
-            f"params.yaml train.qat.enabled: QAT with train.mixed_precision: {params.mixed_precision} is not supported "
-            "(fake-quantization is float32); set mixed_precision: off for a QAT run"
-        )
-    if params.qat.enabled and (plan.replicas > 1 or plan.workers > 1):
-        raise PipelineError(
-            f"params.yaml train.qat.enabled: QAT runs on one device only (distribution_strategy {plan.strategy} "
-            f"gives {plan.replicas} replicas); set train.distribution_strategy: off or one_device, or qat.enabled: false"
-        )
-    return plan
+@dataclass(frozen=True)
+class Data:
+    """The cached datasets as the model reads them, their labels and how tf.data splits them between workers."""
 
-
-def leakage_warning(params: TrainParams, val_record: dict[str, Any]) -> str | None:
-    """One line when a COCO-trained start point is validated on COCO train2017 images it was trained on.
-
-    Model Maker's checkpoints were trained on COCO train2017 (the ImageNet backbone and scratch
-    saw none of it); the cache stage records where the validation images come from.
-    """
-    seen = val_record.get("origins", {}).get("train2017", 0)
-    if start_point(params) in ("scratch", IMAGENET) or not seen:
-        return None
-    return (
-        f"train: warning: {seen} of {val_record['size']} validation images are from COCO train2017, which the pretrained "
-        f"{params.architecture} checkpoint was trained on: validation loss and AP are optimistic and not comparable "
-        "with published COCO figures (split.method: coco validates on val2017 only)"
-    )
-
-
-def start_point(params: TrainParams) -> str:
-    """What training starts from: ``scratch`` or the download stage's start point, which must fit the architecture."""
-    if params.init == "scratch":
-        return "scratch"
-    fetched = read_json(PRETRAINED / "manifest.json").get("pretrained")
-    point = START_POINTS.get(fetched)
-    if point is None or params.architecture not in point.fits:
-        fitting = " or ".join(name for name, p in START_POINTS.items() if params.architecture in p.fits)
-        fits = f" (it fits {' and '.join(point.fits)})" if point else ""
-        raise PipelineError(
-            f"params.yaml train.init: pretrained {params.architecture!r}, but the download stage fetched {fetched!r}"
-            f"{fits}: set download.pretrained: {fitting}, or train.init: scratch"
-        )
-    return fetched
-
-
-def init_checkpoint(params: TrainParams, num_classes: int, out: Path) -> str:
-    """Put the starting checkpoint in ``out`` (Model Maker's layout); return the start point's name."""
-    start = start_point(params)
-    if start not in ("scratch", IMAGENET):  # a Model Maker COCO checkpoint, as downloaded
-        shutil.copytree(PRETRAINED / start, out)
-        return start
-    spec = mm.model_spec(params.architecture, out)
-    network = mm.build_network(spec, num_classes, params.l2_weight_decay)  # decoder and head start here in both cases
-    if start == IMAGENET:
-        copy_into_backbone(PRETRAINED / read_json(PRETRAINED / "manifest.json")["file"], network.backbone)
-    mm.write_init_checkpoint(network, spec, out)
-    return start
+    train: Any  # Model Maker DataLoaders
+    val: Any
+    labels: list[str]  # background first, as the model outputs them
+    auto_shard: str
 
 
 def train(params: TrainParams) -> dict[str, Any]:
     """Train (resuming if a matching state exists) and write models/train atomically (on the chief only)."""
-    # Config: everything checkable is checked before TensorFlow starts.
+    # Checks: params.yaml's keys among themselves were checked at load; data, TF_CONFIG and the start point here.
     train_info, val_info = mm.cache_record("train"), mm.cache_record("val")
-    plan = validate(params, train_info["size"], val_info["size"])
-    warning = leakage_warning(params, val_info)
-    current = owner(params, [train_info, val_info])
-    remote = ResumeRemote(params.resume_remote) if params.resume_remote else None
-    if remote and plan.chief:  # bad credentials, an unmounted drive, another run's state: before TensorFlow starts
-        remote.check_writable()
-        check_remote(remote, fingerprint(current), current)
+    plan, start = validate(params, train_info["size"], val_info["size"])
+    current = owner(params, [train_info, val_info], start)
+    remote = checked_remote(params, plan.chief, current)
+
+    # TensorFlow: the device line first, then the leakage warning, seeding and determinism.
+    strategy, device = start_tensorflow(params, plan, leakage_warning(params, start, val_info))
+
+    # Resume state: only the chief writes the stage's outputs; another worker's are thrown away on exit.
+    with output_folders(plan) as folders:
+        marker, float_done = prepare_state(current, folders.discard, folders.state, remote)
+        pusher = remote if plan.chief else None  # only the chief copies its state out
+        epochs_done = restored_epochs(folders.state / "backup")
+        if plan.workers > 1:
+            check_same_start(strategy, epochs_done)
+
+        # Data.
+        data = load_data(params, plan, strategy, train_info)
+
+        with atomic_dir(folders.train) as out:
+            # Model.
+            detector = make_detector(params, start, data.labels, strategy, out)
+            history = set_callbacks(detector, params, folders, train_info["size"], device, pusher)
+
+            # The float phase (unless a killed run finished it), then quantization-aware training.
+            started = time.perf_counter()
+            train_float(detector, params, data, out, history, float_done, epochs_done)
+            qat_log = train_qat(detector, params, data, out, marker, float_done, pusher) if params.qat.enabled else None
+
+            # Outputs: train.json without the measurements; the chief's state is finished.
+            summary = summarize(params, start, data, train_info["size"], plan, strategy, detector, history, qat_log)
+            write_summary(out, summary)
+        if plan.chief:  # a finished run: its resume state goes, and the next run may replace the remote copy
+            mark_complete(marker)
+            if pusher:
+                push_or_warn(pusher, TRAIN_STATE, params.epochs)
+    return {**summary, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def validate(params: TrainParams, train_size: int, val_size: int) -> tuple[Distribution, Start]:
+    """Reject what params.yaml cannot check alone, before any TensorFlow work; return the plan and the start point."""
+    for key, batch in (("batch_size", params.batch_size), ("qat.batch_size", params.qat.batch_size)):
+        if batch > train_size and (key == "batch_size" or params.qat.enabled):
+            raise PipelineError(f"params.yaml train.{key}: {batch} is larger than the training set ({train_size} images)")
+    plan = plan_distribution(params)  # TF_CONFIG first: it is the one a multi-worker user meets first
+    start = resolve_start(params)
+    check_batches(params, plan, val_size)
+    if params.qat.enabled and (plan.replicas > 1 or plan.workers > 1):  # one machine's replicas: checked at load
+        raise PipelineError(
+            f"params.yaml train.qat.enabled: QAT runs on one device only (distribution_strategy {plan.strategy} "
+            f"gives {plan.replicas} replicas); set train.distribution_strategy: off or one_device, or qat.enabled: false"
+        )
+    return plan, start
+
+
+def start_tensorflow(params: TrainParams, plan: Distribution, warning: str | None) -> tuple[Any, str]:
+    """Import TensorFlow on the device train.device asks for, print the device line (the first line) and the
+    leakage warning, seed it; return the strategy and the device line."""
     mm.quiet_tensorflow()
     import tensorflow as tf
 
@@ -144,119 +138,143 @@ def train(params: TrainParams) -> dict[str, Any]:
         )
     tf.keras.utils.set_random_seed(params.seed)
     tf.config.experimental.enable_op_determinism()  # identical weights for a fixed seed on CPU
+    return strategy, device
 
-    # Only the chief writes the stage's outputs; another worker's go to a scratch dir, deleted at the end.
-    scratch = None if plan.chief else Path(tempfile.mkdtemp(prefix=f"train-{plan.task.replace(' ', '')}-"))  # data/.tmp/<pid>
-    out_dir, state_dir, live_dir, timing_dir = (
-        (TRAINED, TRAIN_STATE, TRAIN_LIVE, TRAIN_TIMING)
-        if scratch is None
-        else (scratch / "train", scratch / "state", scratch / "live", scratch / "timing")
+
+def load_data(params: TrainParams, plan: Distribution, strategy: Any, train_info: dict[str, Any]) -> Data:
+    """The cached train and val sets, whole batches only with several replicas, sharded between workers."""
+    train_data, val_data = mm.load_dataset("train"), mm.load_dataset("val")
+    if strategy.num_replicas_in_sync > 1:
+        mm.whole_batches(val_data, params.batch_size)
+    options, auto_shard = auto_shard_options(plan, int(train_info["num_shards"]))
+    if options is not None:
+        for data in (train_data, val_data):
+            mm.set_dataset_options(data, options)
+    return Data(train_data, val_data, mm.label_names(train_info), auto_shard)
+
+
+def init_checkpoint(start: Start, params: TrainParams, num_classes: int, out: Path) -> None:
+    """Put the starting checkpoint in ``out`` (Model Maker's layout)."""
+    if start.coco_trained:  # a Model Maker COCO checkpoint, as downloaded
+        shutil.copytree(start.weights, out)
+        return
+    spec = mm.model_spec(params.architecture, out)
+    network = mm.build_network(spec, num_classes, params.l2_weight_decay)  # decoder and head start here in both cases
+    if start.name == IMAGENET:
+        copy_into_backbone(start.weights, network.backbone)
+    mm.write_init_checkpoint(network, spec, out)
+
+
+def make_detector(params: TrainParams, start: Start, labels: list[str], strategy: Any, out: Path) -> Any:
+    """Model Maker's detector, built from the starting checkpoint (written to ``out/init``) under ``strategy``."""
+    init_checkpoint(start, params, len(labels), out / "init")
+    hparams = {
+        "learning_rate": params.learning_rate,
+        "batch_size": params.batch_size,
+        "epochs": params.epochs,
+        "cosine_decay_epochs": params.cosine_decay_epochs,
+        "cosine_decay_alpha": params.cosine_decay_alpha,
+        "shuffle": params.shuffle,
+        "distribution_strategy": "off",  # the strategy is make_strategy()'s; HParams would build a second one
+        "num_gpus": 0,
+    }
+    detector = mm.build_detector(params.architecture, out / "init", labels, hparams, params.l2_weight_decay, out)
+    mm.set_strategy(detector, strategy)
+    return detector
+
+
+def set_callbacks(
+    detector: Any, params: TrainParams, folders: Folders, train_size: int, device: str, pusher: ResumeRemote | None
+) -> Any:
+    """Log every epoch (dvclive, history), back it up for resuming, and copy it out (train.resume_remote);
+    return the history callback."""
+    import tensorflow as tf
+
+    history = make_history_callback(
+        folders.live, folders.timing, folders.state / "history.json", train_size, params.epochs, params.batch_size, device
     )
-    try:
-        marker, float_done = prepare_state(current, scratch, state_dir, remote)
-        pusher = remote if scratch is None else None  # only the chief copies its state out
-        epochs_done = restored_epochs(state_dir / "backup")
-        if plan.workers > 1:
-            check_same_start(strategy, epochs_done)
+    callbacks = [history, tf.keras.callbacks.BackupAndRestore(str(folders.state / "backup"))]
+    mm.set_callbacks(detector, callbacks + ([make_push_callback(pusher, folders.state)] if pusher else []))
+    return history
 
-        # Data.
-        train_data, val_data = mm.load_dataset("train"), mm.load_dataset("val")
-        if strategy.num_replicas_in_sync > 1:
-            mm.whole_batches(val_data, params.batch_size)
-        options, auto_shard = auto_shard_options(plan, int(train_info["num_shards"]))
-        if options is not None:
-            for data in (train_data, val_data):
-                mm.set_dataset_options(data, options)
-        labels = mm.label_names(train_info)
 
-        with atomic_dir(out_dir) as out:
-            # Model.
-            start = init_checkpoint(params, len(labels), out / "init")
-            hparams = {
-                "learning_rate": params.learning_rate,
-                "batch_size": params.batch_size,
-                "epochs": params.epochs,
-                "cosine_decay_epochs": params.cosine_decay_epochs,
-                "cosine_decay_alpha": params.cosine_decay_alpha,
-                "shuffle": params.shuffle,
-                "distribution_strategy": "off",  # the strategy is make_strategy()'s; HParams would build a second one
-                "num_gpus": 0,
-            }
-            detector = mm.build_detector(params.architecture, out / "init", labels, hparams, params.l2_weight_decay, out)
-            mm.set_strategy(detector, strategy)
-            history = make_history_callback(
-                live_dir, timing_dir, state_dir / "history.json", train_info["size"], params.epochs, params.batch_size, device
-            )
-            callbacks = [history, tf.keras.callbacks.BackupAndRestore(str(state_dir / "backup"))]
-            mm.set_callbacks(detector, callbacks + ([make_push_callback(pusher, state_dir)] if pusher else []))
+def train_float(
+    detector: Any, params: TrainParams, data: Data, out: Path, history: Any, float_done: bool, epochs_done: int
+) -> None:
+    """The float phase into ``out/float_ckpt``, or, if a killed run finished it, its kept checkpoint restored."""
+    if not float_done:
+        mm.create_and_train(  # writes out/float_ckpt
+            detector, data.train, data.val, params.bn_momentum, params.mixed_precision, params.jit_compile, epochs_done
+        )
+        return
+    print(f"train: the float phase finished before the run stopped (kept in {TRAIN_STATE}); running QAT again")
+    history.replay()
+    for file in TRAIN_STATE.glob("float_ckpt.*"):
+        shutil.copy2(file, out / file.name)
+    mm.restore_trained_float(detector, data.train, out / "float_ckpt", params.bn_momentum, params.jit_compile)
 
-            # Loop: the float phase (unless a killed run finished it), then quantization-aware training.
-            started = time.perf_counter()
-            if float_done:
-                print(f"train: the float phase finished before the run stopped (kept in {TRAIN_STATE}); running QAT again")
-                history.replay()
-                for file in TRAIN_STATE.glob("float_ckpt.*"):
-                    shutil.copy2(file, out / file.name)
-                mm.restore_trained_float(detector, train_data, out / "float_ckpt", params.bn_momentum, params.jit_compile)
-            else:
-                mm.create_and_train(  # writes out/float_ckpt
-                    detector, train_data, val_data, params.bn_momentum, params.mixed_precision, params.jit_compile, epochs_done
-                )
-            qat_log = None
-            if params.qat.enabled:
-                if not float_done:
-                    keep_float_phase(out, marker)
-                    if pusher:
-                        push_or_warn(pusher, TRAIN_STATE, params.epochs)
-                tf.keras.utils.set_random_seed(params.seed)  # the same QAT after a kill as in one go
-                qat_log = mm.quantization_aware_training(
-                    detector,
-                    train_data,
-                    val_data,
-                    epochs=params.qat.epochs,
-                    learning_rate=params.qat.learning_rate,
-                    batch_size=params.qat.batch_size,
-                    alpha=params.cosine_decay_alpha,
-                )
-                mm.qat_checkpoint(detector).write(str(out / "qat_ckpt"))
 
-            # Outputs.
-            summary = {
-                "architecture": params.architecture,
-                "init": params.init,
-                "start_point": start,  # scratch, mobilenet_v2_imagenet or a Model Maker COCO checkpoint
-                "labels": labels,  # background first, as the model outputs them
-                "classes": labels[1:],
-                "l2_weight_decay": params.l2_weight_decay,
-                "epochs": len(history.history),
-                "train_images": train_info["size"],
-                "val_images": len(val_data),
-                "distribution": {
-                    "strategy": plan.strategy,
-                    "class": type(strategy).__name__,
-                    "num_replicas_in_sync": strategy.num_replicas_in_sync,
-                    "devices": strategy_devices(strategy),
-                    "workers": plan.workers,
-                    "task": plan.task,
-                    "chief": plan.chief,
-                    "auto_shard": auto_shard,
-                },
-                "speed": mm.speed_settings(detector),
-                "final": history.history[-1] if history.history else {},
-                "qat": None if qat_log is None else {**params.qat.model_dump(exclude={"enabled"}), "history": qat_log},
-            }
-            final = {key: value for key, value in summary["final"].items() if key not in ("seconds", "train_images_per_s")}
-            write_json(out / "train.json", {**summary, "final": final}, indent=True)  # measurements stay out
-        if scratch is None:
-            mark_complete(marker)
-            if pusher:
-                push_or_warn(pusher, TRAIN_STATE, params.epochs)  # a finished run: the next one may replace it
-        return {**summary, "seconds": round(time.perf_counter() - started, 1)}
-    finally:
-        if scratch is not None:
-            kept = discard_worker_outputs(scratch, plan.task)
-            if kept is not None:
-                print(f"train: {plan.task} kept its copy of {TRAINED} in {kept}")
+def train_qat(
+    detector: Any, params: TrainParams, data: Data, out: Path, marker: Path, float_done: bool, pusher: ResumeRemote | None
+) -> list[dict[str, Any]]:
+    """Quantization-aware training into ``out/qat_ckpt``, after keeping the float phase (a kill reruns only QAT)."""
+    import tensorflow as tf
+
+    if not float_done:
+        keep_float_phase(out, marker)
+        if pusher:
+            push_or_warn(pusher, TRAIN_STATE, params.epochs)
+    tf.keras.utils.set_random_seed(params.seed)  # the same QAT after a kill as in one go
+    qat, alpha = params.qat, params.cosine_decay_alpha
+    qat_log = mm.quantization_aware_training(
+        detector, data.train, data.val, epochs=qat.epochs, learning_rate=qat.learning_rate, batch_size=qat.batch_size, alpha=alpha
+    )
+    mm.qat_checkpoint(detector).write(str(out / "qat_ckpt"))
+    return qat_log
+
+
+def summarize(
+    params: TrainParams,
+    start: Start,
+    data: Data,
+    train_size: int,
+    plan: Distribution,
+    strategy: Any,
+    detector: Any,
+    history: Any,
+    qat_log: list[dict[str, Any]] | None,
+) -> dict[str, Any]:
+    """What was trained, from what, on what and how far: train.json's content, measurements included."""
+    return {
+        "architecture": params.architecture,
+        "init": params.init,
+        "start_point": start.name,  # scratch, mobilenet_v2_imagenet or a Model Maker COCO checkpoint
+        "labels": data.labels,  # background first, as the model outputs them
+        "classes": data.labels[1:],
+        "l2_weight_decay": params.l2_weight_decay,
+        "epochs": len(history.history),
+        "train_images": train_size,
+        "val_images": len(data.val),
+        "distribution": {
+            "strategy": plan.strategy,
+            "class": type(strategy).__name__,
+            "num_replicas_in_sync": strategy.num_replicas_in_sync,
+            "devices": strategy_devices(strategy),
+            "workers": plan.workers,
+            "task": plan.task,
+            "chief": plan.chief,
+            "auto_shard": data.auto_shard,
+        },
+        "speed": mm.speed_settings(detector),
+        "final": history.history[-1] if history.history else {},
+        "qat": None if qat_log is None else {**params.qat.model_dump(exclude={"enabled"}), "history": qat_log},
+    }
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    """train.json: the summary without the per-run measurements (seconds, images/s), which live in reports/timing."""
+    final = {key: value for key, value in summary["final"].items() if key not in ("seconds", "train_images_per_s")}
+    write_json(out / "train.json", {**summary, "final": final}, indent=True)
 
 
 def main() -> None:

@@ -163,7 +163,7 @@ def test_who_is_the_chief(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TF_CONFIG", tf_config(0, [1, 2]))
     assert plan_distribution(params.model_copy(update={"num_gpus": 4})).replicas == 8
     monkeypatch.delenv("TF_CONFIG")
-    assert plan_distribution(train_params(distribution_strategy="mirrored", cpu_replicas=3)).replicas == 3
+    assert plan_distribution(train_params(distribution_strategy="mirrored", cpu_replicas=3, batch_size=6)).replicas == 3
     assert plan_distribution(train_params(distribution_strategy=False)).strategy == "off"  # YAML 1.1's unquoted off
 
 
@@ -407,6 +407,7 @@ def test_workers_that_would_resume_differently_stop_with_one_line(
     from trafficdet.modelmaker import cache_record
     from trafficdet.params import load
     from trafficdet.resume import fingerprint, owner
+    from trafficdet.start import resolve_start
 
     repos = [copy_of(cached_repo, tmp_path / f"worker{index}") for index in range(2)]
     for repo in repos:
@@ -415,7 +416,8 @@ def test_workers_that_would_resume_differently_stop_with_one_line(
     chief = repos[0]
     monkeypatch.chdir(chief)
     cached = [cache_record(side) for side in ("train", "val")]
-    state = {"fingerprint": fingerprint(owner(load(TrainParams), cached)), "complete": False}
+    params = load(TrainParams)
+    state = {"fingerprint": fingerprint(owner(params, cached, resolve_start(params))), "complete": False}
     (chief / "models/train_state/backup/chief").mkdir(parents=True)
     (chief / "models/train_state/state.json").write_text(json.dumps(state))
     (chief / "models/train_state/backup/chief/checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')

@@ -21,12 +21,18 @@ from trafficdet.errors import PipelineError
 from trafficdet.params import TrainParams, parse
 from trafficdet.resume import differences, fingerprint, owner, prepare_state
 from trafficdet.resume_remote import ResumeRemote
+from trafficdet.start import resolve_start
 
 CACHED = [{"size": 28, "num_shards": 1}, {"size": 7, "num_shards": 1}]
 
 
 def train_params(**changes: object) -> TrainParams:
     return parse(TrainParams, {**yaml.safe_load((ROOT / "params.yaml").read_text())["train"], **changes})
+
+
+def owned(params: TrainParams, cached: list[dict]) -> dict:
+    """owner() as the stage calls it, with the start point read from models/pretrained now."""
+    return owner(params, cached, resolve_start(params))
 
 
 @pytest.fixture
@@ -119,12 +125,12 @@ def test_state_copies_whole_epochs_and_restores_the_newest_intact_one(
 
 def test_a_stale_local_state_is_not_resumed_and_says_why_in_one_line(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     state = repo / "models/train_state"
-    before = owner(train_params(epochs=3), CACHED)
+    before = owned(train_params(epochs=3), CACHED)
     fake_state(state, 1, before)
     assert prepare_state(before, None, state) == (Path("models/train_state/state.json"), False)
     assert (state / "backup/chief/checkpoint").exists() and capsys.readouterr().out == ""  # the same run: resumed
 
-    after = owner(train_params(epochs=2), CACHED)
+    after = owned(train_params(epochs=2), CACHED)
     prepare_state(after, None, state)
     lines = capsys.readouterr().out.splitlines()
     assert lines == [
@@ -138,19 +144,19 @@ def test_a_stale_local_state_is_not_resumed_and_says_why_in_one_line(repo: Path,
 def test_the_start_point_and_the_code_belong_to_the_state(repo: Path) -> None:
     """A changed models/pretrained or a changed code file makes another run; a moved remote does not."""
     params = train_params()
-    base = owner(params, CACHED)
-    assert fingerprint(owner(params.model_copy(update={"resume_remote": "s3://elsewhere/x"}), CACHED)) == fingerprint(base)
+    base = owned(params, CACHED)
+    assert fingerprint(owned(params.model_copy(update={"resume_remote": "s3://elsewhere/x"}), CACHED)) == fingerprint(base)
 
     (repo / "models/pretrained/manifest.json").write_text('{"pretrained": "mobilenet_v2_imagenet", "sha256": "bb"}')
-    moved = owner(params, CACHED)
+    moved = owned(params, CACHED)
     assert fingerprint(moved) != fingerprint(base)
     assert differences(base, moved) == "the start point (models/pretrained)"
 
     with open(repo / "trafficdet/history.py", "a") as code:
         code.write("\n# changed\n")
-    changed = owner(params, CACHED)
+    changed = owned(params, CACHED)
     assert differences(moved, changed) == "code trafficdet/history.py"
-    assert differences(changed, owner(params, [*CACHED[:1], {"size": 8, "num_shards": 1}])) == "the training data (data/cache)"
+    assert differences(changed, owned(params, [*CACHED[:1], {"size": 8, "num_shards": 1}])) == "the training data (data/cache)"
     assert differences(None, base) == "it was written by an older version of the train stage"
 
 
@@ -158,13 +164,13 @@ def test_another_runs_unfinished_remote_state_is_refused_a_finished_one_replaced
     repo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = str(repo / "drive")
-    theirs = owner(train_params(epochs=3, qat={"enabled": True, "epochs": 2, "learning_rate": 0.3, "batch_size": 8}), CACHED)
+    theirs = owned(train_params(epochs=3, qat={"enabled": True, "epochs": 2, "learning_rate": 0.3, "batch_size": 8}), CACHED)
     pushed = repo / "theirs"
     fake_state(pushed, 2, theirs)
     ResumeRemote(url).push(pushed, 2)
     stored = files(repo / "drive")
 
-    ours = owner(train_params(epochs=3), CACHED)
+    ours = owned(train_params(epochs=3), CACHED)
     state = repo / "models/train_state"
     with pytest.raises(PipelineError) as refused:
         prepare_state(ours, None, state, ResumeRemote(url))

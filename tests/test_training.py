@@ -492,6 +492,7 @@ import numpy as np, tensorflow as tf
 from pathlib import Path
 from stages.download import download_checkpoint
 from stages.train import init_checkpoint
+from trafficdet.start import resolve_start
 from testkit.keras_weights import keras_level_outputs
 from trafficdet.fetch import RetryPolicy
 from trafficdet.modelmaker import build_detector, cache_record, create_model, label_names
@@ -500,7 +501,9 @@ from trafficdet.params import TrainParams, load
 download_checkpoint("mobilenet_v2_imagenet", "{server.url}/{KERAS_WEIGHTS_PATH}", "", RetryPolicy(retries=1))
 params = load(TrainParams).model_copy(update={{"init": "pretrained", "architecture": "mobilenet_v2"}})
 labels = label_names(cache_record("train"))
-print("start", init_checkpoint(params, len(labels), Path("init")))
+start = resolve_start(params)
+init_checkpoint(start, params, len(labels), Path("init"))
+print("start", start.name)
 detector = build_detector("mobilenet_v2", Path("init"), labels, {{}}, 3e-5, Path("out"))
 create_model(detector, None)  # Model Maker's own restore of the init checkpoint
 images = tf.random.stateless_uniform([2, 256, 256, 3], seed=[3, 4], minval=-1.0, maxval=1.0)
@@ -584,6 +587,7 @@ def test_a_coco_trained_start_validated_on_train2017_images_prints_one_warning(
     """Model Maker's checkpoints were trained on COCO train2017: validating on those images flatters AP."""
     from stages import train as train_stage
     from trafficdet.params import TrainParams, parse
+    from trafficdet.start import Start
 
     base = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["train"]
     records = {
@@ -606,7 +610,7 @@ def test_a_coco_trained_start_validated_on_train2017_images_prints_one_warning(
     monkeypatch.setattr(train_stage, "device_line", lambda strategy, params, plan: "a stand-in device")
     monkeypatch.setattr(tf.keras.utils, "set_random_seed", lambda seed: stop())
     start = {"pretrained": "mobilenet_v2"}  # what the download stage fetched: Model Maker's COCO checkpoint
-    monkeypatch.setattr(train_stage, "start_point", lambda params: start.get(params.init, "scratch"))
+    monkeypatch.setattr(train_stage, "resolve_start", lambda params: Start(start.get(params.init, "scratch"), None))
     with pytest.raises(StopError):
         train_stage.train(parse(TrainParams, {**base, "init": "pretrained"}))
     lines = capsys.readouterr().out.splitlines()

@@ -91,18 +91,6 @@ def why_no_gpu() -> str:
     )
 
 
-def check_device_params(params: TrainParams) -> None:
-    """Params that contradict ``train.device``, before TensorFlow starts."""
-    if params.device == "cpu" and params.num_gpus:
-        raise PipelineError(
-            f"params.yaml train.device: cpu, but train.num_gpus is {params.num_gpus}: set num_gpus: 0, or device: auto"
-        )
-    if params.device == "cpu" and params.mixed_precision == "float16":
-        raise PipelineError(
-            "params.yaml train.mixed_precision: float16 needs a GPU, and train.device is cpu: use off or bfloat16 on the CPU"
-        )
-
-
 def use_device(params: TrainParams) -> None:
     """Make TensorFlow's GPUs what ``train.device`` asks; call right after importing it, before any op.
 

@@ -2,7 +2,8 @@
 
 ``train.distribution_strategy``: off, one_device, mirrored (several GPUs, or ``cpu_replicas``
 logical CPU devices), multi_worker_mirrored (one process per worker, each with its own
-``TF_CONFIG``). Everything that can be checked is checked before TensorFlow starts.
+``TF_CONFIG``). Everything that can be checked is checked before TensorFlow starts: the keys
+among themselves when params.yaml is loaded (TrainParams), TF_CONFIG and the data sizes here.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trafficdet.errors import PipelineError
 from trafficdet.params import TrainParams
-from trafficdet.paths import TRAIN_STATE
+from trafficdet.paths import TRAIN_LIVE, TRAIN_STATE, TRAIN_TIMING, TRAINED
 
 # A folder where a non-chief worker keeps its copy of models/train instead of deleting it, to check
 # that the workers trained in step (the test does). Unset: the copy is deleted, as the chief's is the output.
@@ -75,28 +79,22 @@ def read_tf_config() -> tuple[int, str, bool]:
 
 
 def plan_distribution(params: TrainParams) -> Distribution:
-    """Check the strategy params together (and TF_CONFIG for multi-worker); say how many replicas to expect."""
-    strategy, gpus = params.distribution_strategy, params.num_gpus
-    if params.cpu_replicas > 1 and (strategy != "mirrored" or gpus):
-        raise PipelineError(
-            f"params.yaml train.cpu_replicas: {params.cpu_replicas} logical CPU devices only apply to distribution_strategy: "
-            f"mirrored with num_gpus: 0 (got {strategy}, num_gpus {gpus}); set cpu_replicas: 1"
-        )
-    if strategy in ("off", "one_device") and gpus > 1:
-        raise PipelineError(
-            f"params.yaml train.num_gpus: {strategy} trains on one device, got num_gpus {gpus}; "
-            "use distribution_strategy: mirrored for several GPUs"
-        )
-    if strategy == "mirrored":
-        return Distribution(strategy, gpus or params.cpu_replicas)
+    """How many replicas to expect, and (multi-worker) this task's place from TF_CONFIG.
+
+    The strategy keys among themselves were checked when params.yaml was loaded (TrainParams).
+    """
+    strategy = params.distribution_strategy
     if strategy == "multi_worker_mirrored":
         workers, task, chief = read_tf_config()
-        return Distribution(strategy, workers * max(gpus, 1), workers, task, chief)
-    return Distribution(strategy, 1)
+        return Distribution(strategy, workers * params.machine_replicas(), workers, task, chief)
+    return Distribution(strategy, params.machine_replicas())
 
 
 def check_batches(params: TrainParams, plan: Distribution, val_size: int) -> None:
-    """The global batch must split evenly over the replicas, and validation must fill one batch."""
+    """The global batch must split evenly over every worker's replicas, and validation must fill one batch.
+
+    One machine's replicas were checked at load (TrainParams); how many workers there are is TF_CONFIG's.
+    """
     batch = params.batch_size
     if batch % plan.replicas:
         where = f"{plan.workers} workers" if plan.workers > 1 else plan.strategy
@@ -201,15 +199,44 @@ def check_same_start(strategy: Any, epochs_done: int) -> None:
         )
 
 
-def discard_worker_outputs(scratch: Path, task: str) -> Path | None:
-    """Delete a non-chief worker's scratch folder; with $TRAFFICDET_KEEP_WORKER_OUTPUTS set, first move its
+@dataclass(frozen=True)
+class Folders:
+    """Where this task writes the train stage's outputs: the real ones on the chief, throwaway ones elsewhere."""
+
+    train: Path  # models/train
+    state: Path  # models/train_state
+    live: Path  # reports/train
+    timing: Path  # reports/timing/train
+    discard: Path | None = None  # a non-chief worker's throwaway folder, holding the four above; None on the chief
+
+
+@contextmanager
+def output_folders(plan: Distribution) -> Iterator[Folders]:
+    """The chief's outputs are the stage's; another worker's go to a throwaway folder, deleted on exit.
+
+    Every worker must write what the chief writes (Keras saves on all of them), but only the chief's is kept.
+    """
+    if plan.chief:
+        yield Folders(TRAINED, TRAIN_STATE, TRAIN_LIVE, TRAIN_TIMING)
+        return
+    discard = Path(tempfile.mkdtemp(prefix=f"discard-train-{plan.task.replace(' ', '')}-"))  # under data/.tmp
+    try:
+        yield Folders(discard / "train", discard / "state", discard / "live", discard / "timing", discard)
+    finally:
+        kept = discard_worker_outputs(discard, plan.task)
+        if kept is not None:
+            print(f"train: {plan.task} kept its copy of {TRAINED} in {kept}")
+
+
+def discard_worker_outputs(discard: Path, task: str) -> Path | None:
+    """Delete a non-chief worker's throwaway folder; with $TRAFFICDET_KEEP_WORKER_OUTPUTS set, first move its
     models/train copy to ``<that folder>/<task>`` and return where it went."""
     keep = os.environ.get(KEEP_WORKER_OUTPUTS, "").strip()
     kept = None
-    if keep and (scratch / "train").is_dir():
+    if keep and (discard / "train").is_dir():
         kept = Path(keep) / task.replace(" ", "")
         kept.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(kept, ignore_errors=True)
-        shutil.move(scratch / "train", kept)
-    shutil.rmtree(scratch, ignore_errors=True)
+        shutil.move(discard / "train", kept)
+    shutil.rmtree(discard, ignore_errors=True)
     return kept

@@ -14,7 +14,8 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from trafficdet.architectures import ARCHITECTURES, START_POINTS
 from trafficdet.errors import PipelineError
@@ -27,6 +28,14 @@ NonNegativeFloat = Annotated[float, Field(ge=0, description="a number >= 0")]
 Fraction = Annotated[float, Field(gt=0, lt=1, description="a number between 0 and 1 (exclusive)")]
 Score = Annotated[float, Field(ge=0, le=1, description="a score from 0 to 1")]
 Checksum = Annotated[str, Field(pattern=r"^((md5|sha256):[0-9a-fA-F]+)?$", description="'' or 'md5:<hex>' or 'sha256:<hex>'")]
+
+
+CROSS_FIELD = "cross_field"  # a check of several keys together: describe() prints its own words
+
+
+def refuse(key: str, detail: str) -> PydanticCustomError:
+    """A cross-field check's complaint, printed by describe() as ``params.yaml <section>.<key>: <detail>``."""
+    return PydanticCustomError(CROSS_FIELD, "{key}: {detail}", {"key": key, "detail": detail})
 
 
 def url_problem(url: str) -> str:
@@ -170,6 +179,55 @@ class TrainParams(Section):
     def _yaml_off(cls, value: Any) -> Any:
         return "off" if value is False else value  # YAML 1.1 reads an unquoted `off` as false
 
+    def machine_replicas(self) -> int:
+        """Replicas on this machine (one worker's share for multi_worker_mirrored: its GPUs, or 1)."""
+        if self.distribution_strategy == "mirrored":
+            return self.num_gpus or self.cpu_replicas
+        return max(self.num_gpus, 1) if self.distribution_strategy == "multi_worker_mirrored" else 1
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainParams:
+        """The keys that contradict each other, refused at load: they need no data, TF_CONFIG or TensorFlow.
+
+        What needs them stays where it runs: the stage's validate() (data, TF_CONFIG, the start point),
+        distribute.make_strategy and the stage's float16 check (the GPUs TensorFlow finds).
+        """
+        strategy, gpus, replicas = self.distribution_strategy, self.num_gpus, self.machine_replicas()
+        if self.cpu_replicas > 1 and (strategy != "mirrored" or gpus):
+            raise refuse(
+                "cpu_replicas",
+                f"{self.cpu_replicas} logical CPU devices only apply to distribution_strategy: mirrored with "
+                f"num_gpus: 0 (got {strategy}, num_gpus {gpus}); set cpu_replicas: 1",
+            )
+        if strategy in ("off", "one_device") and gpus > 1:
+            raise refuse(
+                "num_gpus",
+                f"{strategy} trains on one device, got num_gpus {gpus}; use distribution_strategy: mirrored for several GPUs",
+            )
+        if self.device == "cpu" and gpus:
+            raise refuse("device", f"cpu, but train.num_gpus is {gpus}: set num_gpus: 0, or device: auto")
+        if self.device == "cpu" and self.mixed_precision == "float16":
+            raise refuse("mixed_precision", "float16 needs a GPU, and train.device is cpu: use off or bfloat16 on the CPU")
+        if strategy == "mirrored" and self.batch_size % replicas:  # over several workers: distribute.check_batches
+            raise refuse(
+                "batch_size",
+                f"{self.batch_size} does not split evenly over {replicas} replicas ({strategy}); "
+                f"it is the global batch, use a multiple of {replicas}",
+            )
+        if self.qat.enabled and self.mixed_precision != "off":
+            raise refuse(
+                "qat.enabled",
+                f"QAT with train.mixed_precision: {self.mixed_precision} is not supported "
+                "(fake-quantization is float32); set mixed_precision: off for a QAT run",
+            )
+        if self.qat.enabled and strategy == "mirrored" and replicas > 1:  # several workers: the stage's validate()
+            raise refuse(
+                "qat.enabled",
+                f"QAT runs on one device only (distribution_strategy {strategy} gives {replicas} replicas); "
+                "set train.distribution_strategy: off or one_device, or qat.enabled: false",
+            )
+        return self
+
 
 class ExportParams(Section):
     name = "export"
@@ -226,6 +284,8 @@ def describe(model: type[Section], err: ValidationError, path: Path = PARAMS) ->
     problems = err.errors(include_url=False)
     # A typo shows up twice, as an unknown key and as the missing one: name the typo.
     problem = next((p for p in problems if p["type"] == "extra_forbidden"), problems[0])
+    if problem["type"] == CROSS_FIELD:
+        return f"{path} {model.name}.{problem['msg']}"
     owner, keys = _walk(model, problem["loc"], problem["type"])
     where = f"{path} {'.'.join([model.name, *keys])}"
     kind, found = problem["type"], problem.get("input")

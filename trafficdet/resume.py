@@ -23,6 +23,7 @@ from trafficdet.io import read_json, write_json
 from trafficdet.params import TrainParams
 from trafficdet.paths import PIPELINE, PRETRAINED, TRAIN_STATE
 from trafficdet.resume_remote import KEY, ResumeRemote
+from trafficdet.start import Start
 
 NOT_OWNED = {"resume_remote"}  # where the state is copied to, not what it is a state of
 
@@ -37,13 +38,13 @@ def _file_hash(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def owner(params: TrainParams, cached: list[dict[str, Any]]) -> dict[str, Any]:
+def owner(params: TrainParams, cached: list[dict[str, Any]], start: Start) -> dict[str, Any]:
     """What a training state belongs to: the train params, the cache records (the exact data), the start
     point (models/pretrained's manifest, which holds the fetched file's sha256) and the stage's code."""
     return {
         "params": params.model_dump(exclude=NOT_OWNED),
         "data": cached,
-        "start_point": _file_hash(PRETRAINED / "manifest.json"),
+        "start_point": start.manifest_sha256,
         "code": {name: _file_hash(Path(name)) for name in code_files()},
     }
 
@@ -95,33 +96,44 @@ def check_remote(remote: ResumeRemote, state_id: str, current: dict[str, Any]) -
     return pointer
 
 
+def checked_remote(params: TrainParams, chief: bool, current: dict[str, Any]) -> ResumeRemote | None:
+    """train.resume_remote, checked on the chief before TensorFlow starts: bad credentials, an unmounted
+    drive, another run's state."""
+    remote = ResumeRemote(params.resume_remote) if params.resume_remote else None
+    if remote and chief:
+        remote.check_writable()
+        check_remote(remote, fingerprint(current), current)
+    return remote
+
+
 def prepare_state(
-    current: dict[str, Any], scratch: Path | None, state_dir: Path, remote: ResumeRemote | None = None
+    current: dict[str, Any], discard: Path | None, state_dir: Path, remote: ResumeRemote | None = None
 ) -> tuple[Path, bool]:
     """Keep a matching unfinished run's state (to resume), restore it from ``remote``, or start a fresh one;
     return the marker file and whether the float phase already finished (then only QAT is left to run).
 
-    On a non-chief worker, a copy of the chief's backup goes into its scratch folder: Keras
-    restores every worker from ``<backup>/chief``, and models/train_state stays the chief's.
+    ``discard`` is a non-chief worker's throwaway folder (None on the chief, whose ``state_dir`` is
+    models/train_state): a copy of the chief's backup goes into that worker's ``state_dir``, since Keras
+    restores every worker from ``<backup>/chief`` and models/train_state stays the chief's.
     """
     state_id = fingerprint(current)
     marker = TRAIN_STATE / "state.json"
     saved = read_json(marker) if marker.exists() else {}
     resume = saved.get("fingerprint") == state_id and not saved.get("complete")
-    if saved and not resume and not saved.get("complete") and scratch is None:
+    if saved and not resume and not saved.get("complete") and discard is None:
         why = differences(saved.get("owner"), current)
         print(f"train: {TRAIN_STATE} holds another run's unfinished state ({why}): not resumed, starting afresh")
     pointer = check_remote(remote, state_id, current) if remote else None
     restored = None
     if not resume and pointer is not None:
-        restored = remote.pull(pointer, TRAIN_STATE if scratch is None else state_dir)
+        restored = remote.pull(pointer, TRAIN_STATE if discard is None else state_dir)
         if restored is None:
             print(f"train: the state in {remote.url} is incomplete (a file missing or changed): starting afresh")
         else:
             print(f"train: restored the state after epoch {restored} from {remote.url}")
             saved, resume = pointer, True
     float_done = bool(resume and saved.get("float_done"))
-    if scratch is None:
+    if discard is None:
         if not resume:
             shutil.rmtree(TRAIN_STATE, ignore_errors=True)
         TRAIN_STATE.mkdir(parents=True, exist_ok=True)
