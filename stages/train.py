@@ -111,7 +111,7 @@ def validate(params: TrainParams, train_size: int, val_size: int) -> tuple[Distr
     plan = plan_distribution(params)  # TF_CONFIG first: it is the one a multi-worker user meets first
     start = resolve_start(params)
     check_batches(params, plan, val_size)
-    if params.qat.enabled and (plan.replicas > 1 or plan.workers > 1):  # one machine's replicas: checked at load
+    if params.qat.enabled and (plan.replicas > 1 or plan.workers > 1):  # several workers (one machine: at load)
         raise PipelineError(
             f"params.yaml train.qat.enabled: QAT runs on one device only (distribution_strategy {plan.strategy} "
             f"gives {plan.replicas} replicas); set train.distribution_strategy: off or one_device, or qat.enabled: false"
