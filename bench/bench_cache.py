@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import hashlib, json, sys, time
 from pathlib import Path
-from trafficdet.modelmaker import quiet_tensorflow, write_coco_cache
+from trafficdet.modelmaker.cache import quiet_tensorflow, write_coco_cache
 quiet_tensorflow()
 import tensorflow as tf
 folder, out, parallel = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"

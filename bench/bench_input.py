@@ -196,7 +196,7 @@ def main() -> None:
 CACHE_CHILD = """
 import sys
 from pathlib import Path
-from trafficdet.modelmaker import quiet_tensorflow, write_coco_cache
+from trafficdet.modelmaker.cache import quiet_tensorflow, write_coco_cache
 quiet_tensorflow()
 write_coco_cache(Path(sys.argv[1]), Path(sys.argv[2]))
 """

@@ -29,7 +29,9 @@ from trafficdet.app import INPUT_CONTRACT, AppDetector, read_frame
 from trafficdet.architectures import ARCHITECTURES
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.io import read_json, remove_stale_temps, write_bytes, write_json
-from trafficdet.modelmaker import load_dataset, quiet_tensorflow, restore_detector, restore_qat_detector
+from trafficdet.modelmaker.build import restore_detector
+from trafficdet.modelmaker.cache import load_dataset, quiet_tensorflow
+from trafficdet.modelmaker.qat import restore_qat_detector
 from trafficdet.params import ExportParams, load
 from trafficdet.paths import EXPORT_REPORT, EXPORT_TIMING, IMAGE_STORE, MODEL, MODEL_LABELS, MODEL_METADATA, TRAINED, split_labels
 from trafficdet.tflite_model import convert, detection_settings, with_metadata

@@ -404,7 +404,7 @@ def test_workers_that_would_resume_differently_stop_with_one_line(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The chief has a backup after epoch 1, the other worker (own copy) none: both stop before training, clearly."""
-    from trafficdet.modelmaker import cache_record
+    from trafficdet.modelmaker.cache import cache_record
     from trafficdet.params import load
     from trafficdet.resume import fingerprint, owner
 
