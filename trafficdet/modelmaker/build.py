@@ -29,7 +29,7 @@ def model_spec(architecture: str, checkpoint_dir: Path):
 
 
 def build_network(spec: Any, num_classes: int, l2_weight_decay: float) -> Any:
-    """Model Maker's RetinaNet for ``spec``, freshly initialised (seeded by the global seed) and built."""
+    """Model Maker's RetinaNet for ``spec``, freshly initialised (by the global seed) and built."""
     import tensorflow as tf
     from mediapipe_model_maker.python.vision.object_detector import model as model_lib
     from mediapipe_model_maker.python.vision.object_detector import model_options
@@ -101,7 +101,7 @@ def keras_model(detector: Any) -> Any:
 
 
 def retinanet(detector: Any) -> Any:
-    """tf-models' RetinaNetModel inside an ``ObjectDetector`` (its QAT rebuild after ``convert_to_qat``)."""
+    """tf-models' RetinaNetModel in an ``ObjectDetector`` (the QAT one after ``convert_to_qat``)."""
     return detector._model._model
 
 

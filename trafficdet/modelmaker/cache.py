@@ -25,20 +25,23 @@ from trafficdet.quiet import quiet_libraries
 
 def quiet_tensorflow() -> None:
     """Silence TensorFlow's, MediaPipe's and their Python deps' known noise (trafficdet/quiet.py);
-    call before importing them. Temp dirs go to ``data/.tmp/<pid>``."""
+    call before importing them. Temp dirs go to ``data/.tmp/<pid>`` (``paths.TEMP``)."""
     quiet_libraries()
     private_tmpdir()
 
 
 @contextlib.contextmanager
 def model_maker_folder(
-    labels_file: Path, store: Path = IMAGE_STORE, scratch: Path | None = None, ignore_regions: bool = False
+    labels_file: Path,
+    store: Path = IMAGE_STORE,
+    tmp_dir: Path | None = None,
+    ignore_regions: bool = False,
 ) -> Iterator[Path]:
     """Model Maker's ``<dir>/images/*.jpg`` + ``<dir>/labels.json`` view of a split, for one block.
 
     The split stage writes only label files (a cached output DVC can push and pull);
     this builds the folder Model Maker insists on from symlinks into ``store`` in a
-    throwaway directory (in ``scratch``, default: the process's temp dir), and removes it afterwards.
+    throwaway directory (in ``tmp_dir``, default: the process's temp dir), removed afterwards.
     Crowd regions (``iscrowd: 1``) are left out of its ``labels.json`` (Model Maker's own cache
     writer has no crowd field and would train on them as objects) unless ``ignore_regions``:
     then they stay, for ``write_coco_cache`` to flag them (``image/object/is_crowd``) and the
@@ -48,7 +51,7 @@ def model_maker_folder(
     into the cache's file prefix, which must not change from run to run.
     """
     coco = read_json(labels_file)
-    parent = Path(tempfile.mkdtemp(dir=scratch, prefix="model_maker."))
+    parent = Path(tempfile.mkdtemp(dir=tmp_dir, prefix="model_maker."))
     folder = parent / labels_file.parent.name
     try:
         folder.mkdir()
@@ -98,16 +101,13 @@ CACHE_BATCH = 32  # images per round trip from tf.data to the writing thread
 
 
 def write_coco_cache(folder: Path, cache_dir: Path, parallel: bool = True) -> tuple[Any, int]:
-    """Model Maker's TFRecord cache of a COCO ``folder`` (see ``model_maker_folder``): (cache files, images written).
+    """Model Maker's TFRecord cache of a ``model_maker_folder``: (cache files, images written).
 
-    The bytes are those of Model Maker's ``COCOCacheFilesWriter`` (``Dataset.from_coco_folder``), which
-    decodes every JPEG in full only to learn its size, one after another. Here the size comes from
-    the JPEG header (``extract_jpeg_shape``: the dimensions a full decode produces), and each file
-    is still decoded to its last byte at 1/8 scale (libjpeg's DCT scaling skips most of the inverse
-    transform, not the entropy decoding), so a truncated or corrupt file stops here, named, as it
-    did (tested); about 10% less CPU than a full decode. tf.data does it on every core, in
-    order (``deterministic=True``), and hands the results over in batches, while this thread
-    builds the same ``tf.train.Example``s and writes them round-robin over the same shards.
+    The bytes of Model Maker's ``COCOCacheFilesWriter``, which decodes every JPEG in full, one
+    after another, only to learn its size. Here the size comes from the JPEG header and each file
+    is still decoded to its last byte at 1/8 scale (a corrupt file still fails, named; about 10%
+    less CPU than a full decode), on every core in order, while this thread writes the same
+    examples round-robin over the same shards (docs/speed.md, see BENCHMARKS.md).
     ``parallel=False`` calls Model Maker's writer itself (the baseline the tests compare with).
     """
     import gc
@@ -161,7 +161,7 @@ def _write_cache_in_parallel(folder: Path, files: Any, label_map: dict[int, str]
         return coco["images"][first], err
 
     # One decoder per core this process may use, and no autotuning: tf.data's autotune thread
-    # took 0.6-1.1 s to wind down after the last image in about half the runs (bench/bench_cache.py).
+    # took 0.6-1.1 s to wind down after the last image in about half the runs (see BENCHMARKS.md).
     options = tf.data.Options()
     options.autotune.enabled = False
     decoded = tf.data.Dataset.from_tensor_slices(paths or [""]).take(len(paths)).with_options(options)

@@ -11,7 +11,7 @@ from trafficdet.modelmaker.build import restore_detector
 
 
 def convert_to_qat(detector: Any) -> None:
-    """Model Maker's ``convert_to_qat``: tfmot-quantized backbone, decoder and head (fake-quant int8).
+    """Model Maker's ``convert_to_qat``: backbone, decoder and head quantized by tfmot (fake int8).
 
     It rebuilds the network from ``_get_model_config()``, so the BatchNorm momentum
     ``create_model`` put there (``train.bn_momentum``) holds in the QAT model too.
@@ -31,12 +31,11 @@ def quantization_aware_training(
     batch_size: int,
     alpha: float,
 ) -> list[dict[str, float]]:
-    """Model Maker's ``quantization_aware_training``, in the strategy's scope; return each epoch's losses.
+    """Model Maker's ``quantization_aware_training`` in the strategy's scope; each epoch's losses.
 
-    Model Maker's own decays the rate by 0.96 every 8 steps whatever the data size (on 14k
-    images that is 0.0008 of the start after one epoch); this one decays it over the QAT
-    epochs with a cosine to ``alpha`` of the start, like the float phase. Its base rate is
-    scaled by ``batch_size / 256`` as Model Maker scales both.
+    Model Maker's own decays the rate by 0.96 every 8 steps whatever the data size (next to
+    nothing after one epoch, see docs/model.md); this one decays it over the QAT epochs with a
+    cosine to ``alpha`` of the start, like the float phase, from ``learning_rate x batch / 256``.
     """
     import tensorflow as tf
     from mediapipe_model_maker.python.core.utils import model_util
@@ -66,14 +65,14 @@ def quantization_aware_training(
 
 
 def qat_checkpoint(detector: Any) -> Any:
-    """A ``tf.train.Checkpoint`` of the QAT network: weights and the fake-quant ranges export needs."""
+    """A ``tf.train.Checkpoint`` of the QAT network: weights and the fake-quant ranges to export."""
     import tensorflow as tf
 
     return tf.train.Checkpoint(model=detector._model._model)
 
 
 def restore_qat_detector(train_dir: Path, export_dir: Path):
-    """The trained ``ObjectDetector`` converted to QAT with the train stage's QAT weights, ready to export int8."""
+    """The trained ``ObjectDetector`` converted to QAT, with the train stage's QAT weights."""
     detector = restore_detector(train_dir, export_dir)
     convert_to_qat(detector)
     status = qat_checkpoint(detector).read(str(train_dir / "qat_ckpt"))

@@ -17,7 +17,7 @@ def set_callbacks(detector: Any, callbacks: list[Any]) -> None:
 
 
 def set_strategy(detector: Any, strategy: Any) -> None:
-    """Use our tf.distribute strategy (made before TensorFlow's runtime starts) instead of building one."""
+    """Use our tf.distribute strategy (made before TensorFlow started), not Model Maker's."""
     detector._hparams._strategy = strategy
 
 
@@ -29,9 +29,8 @@ def set_dataset_options(data: Any, options: Any) -> None:
 def whole_batches(data: Any, batch_size: int) -> None:
     """Cut a dataset to whole batches: a partial last batch can leave a replica with no images.
 
-    The global batch is split in order (7 images over 2 replicas of 16: 7 and 0), and
-    Model Maker's model fails on an empty batch ("Incompatible shapes: [32] vs.
-    [0,256,256,3]" in a BatchNormalization, measured with batch_size 32 and 7 images).
+    The global batch is split in order (7 images over 2 replicas of 16: 7 and 0), and Model
+    Maker's model fails on an empty batch (a BatchNormalization's "Incompatible shapes").
     Training already runs whole batches only (steps = images // batch_size).
     """
     usable = len(data) - len(data) % batch_size
@@ -42,32 +41,17 @@ def whole_batches(data: Any, batch_size: int) -> None:
 def create_model(
     detector: Any, bn_momentum: float | None, replicas: int = 1, mixed_precision: str = "off", jit_compile: bool = False
 ) -> None:
-    """``detector._create_model()``, with another BatchNorm momentum, the loss divided per replica,
+    """``detector._create_model()``, with another BatchNorm momentum, the loss rescaled per replica,
     mixed precision and XLA.
 
-    Setting ``layer.momentum`` after the model is built has no effect on these
-    (synchronized) BatchNorm layers: measured, a momentum-0 update moved the moving
-    variance by 1%, as 0.99 does. The config's ``norm_momentum`` is read at build time.
-
-    With ``replicas`` > 1 each replica's loss is rescaled so that the replicas' gradients, which
-    Keras sums, add up to the one-device gradient of the same global batch. Model Maker's
-    ``train_step`` does not: N replicas would take N times the step. And its loss divides by
-    the positive anchors of the replica's own images, where one device divides by those of
-    the whole batch; so the model loss is re-normalised by the all-reduced count (as
-    tf-models' RetinaNet task does) and the L2 term, which every replica adds, divided by N.
-    Measured, one step of 32 images from the same weights: 2 CPU replicas moved the backbone
-    and decoder 1.98x as far as one device without any rescaling. With this rescaling the
-    2-replica step is the one-device step: in float64 they agree to 8e-12 (one step,
-    bench/experiment_replica_step.py, BENCHMARKS.md). In float32 they differ by ~13%, as one
-    device differs from itself with the batch's halves swapped (10%) and from the exact step
-    (13%): float32 rounding, growing from the head (4%) down through the BatchNorm layers, not
-    the replicas. It turns the step and keeps its length (tests/test_distribute.py bounds both).
-
-    ``mixed_precision`` (``float16`` or ``bfloat16``) must already be Keras' global policy (see
-    ``precision_policy``): the layers compute in it, and the model's outputs are cast to float32
-    before the loss, as tf-models' own RetinaNet task does. Keras' ``compile`` adds loss scaling
-    for float16. ``jit_compile`` reaches Model Maker's ``compile`` call in ``_train_model``
-    (and swaps the FPN's upsampling for an XLA-compilable equal, see ``_get_model_config``).
+    The momentum goes into the config (``norm_momentum``), read at build time: setting
+    ``layer.momentum`` on the built (synchronized) BatchNorm layers has no effect.
+    Keras sums the replicas' gradients and Model Maker's ``train_step`` does not compensate
+    (2 replicas took a 1.98x step), so each replica's loss is re-normalised by the all-reduced
+    count of positive anchors (as tf-models' RetinaNet task does) and its L2 term divided by N:
+    the 2-replica step is then the one-device step, to float32 rounding (see BENCHMARKS.md).
+    ``mixed_precision`` must already be Keras' global policy (``precision_policy``); the outputs
+    are cast to float32 before the loss. ``jit_compile`` reaches Model Maker's ``compile``.
     """
     if bn_momentum is None and replicas == 1 and mixed_precision == "off" and not jit_compile:
         with contextlib.redirect_stdout(io.StringIO()):  # Model Maker prints a 100-line model summary
@@ -83,9 +67,10 @@ def create_model(
             if bn_momentum is not None:
                 config.norm_activation.norm_momentum = bn_momentum
             if jit_compile:
-                # XLA has no kernel for the gradient of Keras' UpSampling2D (ResizeNearestNeighborGrad), on
-                # CPUs and GPUs alike. tf-models' other FPN upsampling (reshape + tile) computes the same
-                # nearest-neighbour x2 and its gradient compiles; the FPN's variables are the same.
+                # XLA has no kernel for the gradient of Keras' UpSampling2D
+                # (ResizeNearestNeighborGrad), on CPUs and GPUs alike. tf-models' other FPN
+                # upsampling (reshape + tile) computes the same nearest-neighbour x2 and its
+                # gradient compiles; the FPN's variables are the same.
                 config.decoder.fpn.use_keras_layer = False
             return config
 
@@ -122,7 +107,7 @@ def create_model(
 
 @contextlib.contextmanager
 def precision_policy(mixed_precision: str) -> Iterator[None]:
-    """Keras' global dtype policy for one block (``mixed_float16``/``mixed_bfloat16``), float32 again after it.
+    """Keras' global dtype policy (``mixed_float16``/``mixed_bfloat16``) for a block, then float32.
 
     Layers take the global policy when they are built, so it must be set before the model is;
     afterwards it goes back so that anything built later in this process (export, evaluation,
@@ -149,14 +134,12 @@ def create_and_train(
     jit_compile: bool = False,
     epochs_done: int = 0,
 ) -> None:
-    """Model Maker's ``_create_and_train_model``, in the strategy's scope, with an optional BatchNorm momentum,
-    mixed precision, XLA, and the training input preprocessed on every core (``parallel_preprocessing``).
+    """Model Maker's ``_create_and_train_model``, in the strategy's scope, with ``create_model``'s
+    options and the training input preprocessed on every core (``parallel_preprocessing``).
     ``epochs_done``: the epochs Keras' BackupAndRestore restores (the run resumes after them).
 
-    From scratch, the default momentum (0.99) leaves the moving statistics far behind
-    the quickly changing weights: measured on 239 synthetic images after 6 epochs, the
-    same batches scored 0.83 loss with batch statistics and 1.85 with the moving ones,
-    which is the train/validation gap. A lower momentum (0.9) lets them keep up.
+    ``bn_momentum``: from scratch, Model Maker's 0.99 leaves BatchNorm's moving statistics far
+    behind the weights (the train/validation loss gap); 0.9 lets them keep up (see BENCHMARKS.md).
     """
     from mediapipe_model_maker.python.core.utils import model_util
 
@@ -176,7 +159,8 @@ def create_and_train(
 def restore_trained_float(
     detector: Any, train_data: Any, checkpoint: Path, bn_momentum: float | None, jit_compile: bool = False
 ) -> None:
-    """Rebuild the float model (as ``create_and_train`` built it, optimizer included) from a finished float phase's checkpoint.
+    """Rebuild the float model (as ``create_and_train`` built it, optimizer included) from a
+    finished float phase's checkpoint.
 
     QAT refuses mixed precision, so a run that reaches this point trained in float32.
     """
@@ -194,7 +178,7 @@ def restore_trained_float(
 
 
 def speed_settings(detector: Any) -> dict[str, Any]:
-    """How the trained model actually ran, read from it: compute dtype, XLA, loss scaling, starting learning rate."""
+    """How the trained model ran, read from it: dtype, XLA, loss scaling, first learning rate."""
     model = detector._model
     schedule = detector._optimizer._learning_rate  # the schedule (``optimizer.learning_rate`` is its current value)
     return {
@@ -205,14 +189,15 @@ def speed_settings(detector: Any) -> dict[str, Any]:
     }
 
 
-# Model Maker's training augmentation (preprocessor.py with tf-models' preprocess_ops): scale jitter in
-# [0.5, 2] then a random crop, and a horizontal flip with probability 0.5. Every draw passes seed=1.
+# Model Maker's training augmentation (preprocessor.py with tf-models' preprocess_ops): scale
+# jitter in [0.5, 2] then a random crop, and a horizontal flip with probability 0.5. Every draw
+# passes seed=1.
 _AUG_SEED = 1
 _FLIP_PROBABILITY = 0.5
 
 
 def _augmentation_draws(_: Any) -> tuple[Any, Any, Any]:
-    """The three random draws of Model Maker's training preprocessor, made by the same ops with the same seeds.
+    """The three random draws of Model Maker's training preprocessor: the same ops, the same seeds.
 
     With op determinism on (the train stage turns it on), TensorFlow runs a ``Dataset.map`` whose
     function holds a stateful random op one element at a time, ignoring ``num_parallel_calls``:
@@ -229,7 +214,7 @@ def _augmentation_draws(_: Any) -> tuple[Any, Any, Any]:
 
 
 def _resize_and_crop(image: Any, desired_size: Any, padded_size: Any, random_scale: Any, offset_fraction: Any) -> Any:
-    """tf-models' ``preprocess_ops.resize_and_crop_image`` with scale jitter, its random draws given as inputs."""
+    """tf-models' ``resize_and_crop_image`` with scale jitter, its random draws given as inputs."""
     import tensorflow as tf
 
     with tf.name_scope("resize_and_crop_image"):
@@ -249,7 +234,7 @@ def _resize_and_crop(image: Any, desired_size: Any, padded_size: Any, random_sca
 
 
 def _train_preprocess(preprocessor: Any) -> Any:
-    """Model Maker's ``Preprocessor.__call__(data, is_training=True)`` with its random draws as inputs (no random op)."""
+    """Model Maker's ``Preprocessor.__call__(data, is_training=True)``, its draws as inputs."""
     import tensorflow as tf
     from official.vision.ops import box_ops, preprocess_ops
 
@@ -294,7 +279,7 @@ def _train_preprocess(preprocessor: Any) -> Any:
 
 
 def ignore_anchors(preprocessor: Any, cls_weights: Any, box_weights: Any, boxes: Any, regions: Any) -> Any:
-    """``cls_weights`` with 0 on the anchors an ignore region would claim: not taught "background" there.
+    """``cls_weights`` with 0 on the anchors an ignore region claims: not taught "background".
 
     tf-models' ``AnchorLabeler`` (as installed) has no ignore class: a ground truth of class -1
     gives its anchors target -1, which the loss one-hot encodes as background, and a zero
@@ -316,11 +301,11 @@ def ignore_anchors(preprocessor: Any, cls_weights: Any, box_weights: Any, boxes:
 
 
 def training_dataset(data: Any, preprocessor: Any, batch_size: int, shuffle: bool, drop_remainder: bool = False) -> Any:
-    """What ``data.gen_tf_dataset(batch_size, is_training=True, shuffle, preprocessor)`` yields, element for
-    element and bit for bit, with the preprocessing in parallel.
+    """What ``data.gen_tf_dataset(batch_size, is_training=True, shuffle, preprocessor)`` yields,
+    element for element and bit for bit, with the preprocessing in parallel.
 
-    Model Maker's pipeline is map(preprocess, AUTOTUNE) -> shuffle(3 x batch) -> batch -> prefetch, but
-    under op determinism its map runs serially (see ``_augmentation_draws``). Here only the draws
+    Model Maker's pipeline is map(preprocess, AUTOTUNE) -> shuffle(3 x batch) -> batch -> prefetch,
+    but under op determinism its map runs serially (see ``_augmentation_draws``). Here only the draws
     run serially, zipped beside the decoded examples, and the heavy part runs on every core in
     order (``deterministic=True``). The shuffle is created at the same point with the same
     arguments, so it takes the same seed (``tests/test_speed.py`` compares both pipelines).
@@ -338,8 +323,8 @@ def training_dataset(data: Any, preprocessor: Any, batch_size: int, shuffle: boo
 
 
 def skip_shuffles(dataset: Any, epochs: int) -> Any:
-    """Advance ``dataset``'s shuffle past ``epochs`` epochs, so that a resumed ``fit()`` trains epoch e on
-    the order an uninterrupted run gives epoch e (the same weights, byte for byte).
+    """Advance ``dataset``'s shuffle past ``epochs`` epochs, so that a resumed ``fit()`` trains
+    epoch e on the order an uninterrupted run gives epoch e (the same weights, byte for byte).
 
     Each new iterator of a shuffled dataset draws the next order from the shuffle's seed
     generator, and Keras makes one per epoch: a resumed process would otherwise give its first
@@ -352,8 +337,8 @@ def skip_shuffles(dataset: Any, epochs: int) -> Any:
 
 
 def parallel_preprocessing(data: Any, preprocessor: Any, epochs_done: int = 0) -> None:
-    """Make Model Maker's training input for ``data`` come from ``training_dataset`` (same elements, all cores);
-    the first one made skips the shuffles of ``epochs_done`` epochs (``skip_shuffles``)."""
+    """Make Model Maker's training input for ``data`` come from ``training_dataset`` (same
+    elements, all cores); the first one made skips ``epochs_done`` epochs' shuffles."""
     model_maker = data.gen_tf_dataset
     skip = [epochs_done]  # the float phase's fit() only: QAT's starts afresh
 
