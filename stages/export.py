@@ -115,8 +115,8 @@ def export(params: ExportParams, out_model: Path = MODEL) -> dict[str, Any]:
         )
     quiet_tensorflow()
     out_model.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="export.") as scratch:  # in data/.tmp/<pid>
-        tmp = Path(scratch)
+    with tempfile.TemporaryDirectory(prefix="export.") as tmp_dir:  # in data/.tmp/<pid>
+        tmp = Path(tmp_dir)
         detector = restore_qat_detector(TRAINED, tmp) if kind == "qat_int8" else restore_detector(TRAINED, tmp)
         labels = summary["labels"][1:]  # the model's class outputs: background (id 0) is not one
         converted = convert(detector, quantization_config(kind, params.representative_steps))

@@ -198,7 +198,7 @@ from pathlib import Path
 from trafficdet.modelmaker.build import restore_detector
 from trafficdet.modelmaker.cache import load_dataset, quiet_tensorflow
 quiet_tensorflow()
-detector = restore_detector(Path("models/train"), Path("scratch"))
+detector = restore_detector(Path("models/train"), Path("export_unused"))
 _, metrics = detector.evaluate(load_dataset("val"), batch_size=4)
 print("result", json.dumps({name: float(value) for name, value in metrics.items()}))
 """
