@@ -89,7 +89,8 @@ def main() -> None:
     if not (repo / "reports/evaluate/coco.json").exists():
         sys.exit(f"{repo}: no evaluated model (run `make demo` first, or pass --repo)")
     os.chdir(repo)  # the stages' paths are relative to the repository
-    from trafficdet.modelmaker import keras_model, load_dataset, preprocessor, quiet_tensorflow, restore_detector
+    from trafficdet.modelmaker.build import keras_model, preprocessor, restore_detector
+    from trafficdet.modelmaker.cache import load_dataset, quiet_tensorflow
     from trafficdet.paths import TRAINED
 
     quiet_tensorflow()

@@ -1,7 +1,7 @@
 """The cache stage's writer: Model Maker's single-process writer vs ours (tf.data on every core), 1 and 2 cores.
 
 A synthetic COCO-sized set (640x480 JPEGs of about COCO's mean file size, see synth.py) is
-written by ``trafficdet.modelmaker.write_coco_cache`` with ``parallel=False`` (Model Maker's
+written by ``trafficdet.modelmaker.cache.write_coco_cache`` with ``parallel=False`` (Model Maker's
 ``COCOCacheFilesWriter``: the baseline) and ``parallel=True``, each run in a fresh process pinned
 with ``taskset`` to 1 or 2 cores, the four kinds interleaved in every round. Every output must
 have the same bytes. Target: ours >= 1.8x the baseline on 2 cores.
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import hashlib, json, sys, time
 from pathlib import Path
-from trafficdet.modelmaker import quiet_tensorflow, write_coco_cache
+from trafficdet.modelmaker.cache import quiet_tensorflow, write_coco_cache
 quiet_tensorflow()
 import tensorflow as tf
 folder, out, parallel = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"

@@ -2,9 +2,9 @@
 
 On a machine whose ``nvidia-smi`` lists a GPU: for float32, float16 and bfloat16 (Keras mixed
 precision), each without and with XLA (``jit_compile``), a fresh process builds the train stage's
-model the way the stage does (``trafficdet.modelmaker.create_model`` under ``precision_policy``,
-Model Maker's optimizer, scratch weights) on a synthetic COCO-sized cache (synth.py, the cache
-stage's writer) and runs ``--steps`` real train steps (Keras ``fit``) on one batch replayed, after
+model the way the stage does (``trafficdet.modelmaker.training.create_model`` under
+``precision_policy``, Model Maker's optimizer, scratch weights) on a synthetic COCO-sized cache
+(synth.py, the cache stage's writer) and runs ``--steps`` real train steps (Keras ``fit``) on one batch replayed, after
 ``--warmup`` steps that trace and compile: the device's rate, not the input pipeline's
 (bench_input.py measures that). Then one ``fit`` fed by the stage's own input pipeline
 (``training_dataset``, float32): what this machine's cores let the GPU do. Then the same on the CPU
@@ -47,7 +47,7 @@ from mediapipe_model_maker.python.vision.object_detector import dataset_util
 from mediapipe_model_maker.python.vision.object_detector.dataset import Dataset
 from mediapipe_model_maker.python.vision.object_detector.preprocessor import Preprocessor
 
-folder, cache, scratch = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+folder, cache, work = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 batch, steps, warmup = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 precision, xla, device, architecture, pipeline = sys.argv[7], sys.argv[8] == "1", sys.argv[9], sys.argv[10], sys.argv[11] == "1"
 try:
@@ -56,11 +56,11 @@ except PipelineError as err:
     sys.exit(f"error: {err}")
 tf.keras.utils.set_random_seed(42)
 data = Dataset.from_cache(dataset_util.get_cache_files_coco(str(folder), str(cache)))
-spec = mm.model_spec(architecture, scratch / "init")
+spec = mm.model_spec(architecture, work / "init")
 preprocessor = Preprocessor(spec)
-mm.write_scratch_checkpoint(spec, len(data.label_names), 3e-5, scratch / "init")
+mm.write_scratch_checkpoint(spec, len(data.label_names), 3e-5, work / "init")
 hparams = {"epochs": 1, "batch_size": batch, "learning_rate": 0.3}
-detector = mm.build_detector(architecture, scratch / "init", data.label_names, hparams, 3e-5, scratch)
+detector = mm.build_detector(architecture, work / "init", data.label_names, hparams, 3e-5, work)
 with mm.precision_policy(precision):  # as mm.create_and_train: optimizer and model under the policy
     detector._optimizer = detector._create_optimizer(max(len(data) // batch, 1))
     mm.create_model(detector, None, 1, precision, xla)
@@ -93,8 +93,8 @@ def measure(args: argparse.Namespace, folder: Path, cache: Path, precision: str,
     """One fresh process: a model for ``precision``/``xla`` trained on ``device``; its rates, or why it failed."""
     batch, steps, warmup = (args.batch, args.steps, args.warmup) if device == "gpu" else (args.cpu_batch, args.cpu_steps, 2)
     pipeline = device == "gpu" and precision == "off" and not xla
-    scratch = OUT / f"gpu-scratch-{device}-{precision}-{int(xla)}"
-    command = [sys.executable, "-c", CHILD, str(folder), str(cache), str(scratch), str(batch), str(steps)]
+    work = OUT / f"gpu-work-{device}-{precision}-{int(xla)}"
+    command = [sys.executable, "-c", CHILD, str(folder), str(cache), str(work), str(batch), str(steps)]
     command += [str(warmup), precision, str(int(xla)), device, args.architecture, str(int(pipeline))]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     if result.returncode != 0:

@@ -8,7 +8,7 @@ does. In it:
 - ``pipeline_model_maker``: Model Maker's training input, ``gen_tf_dataset(batch, is_training=True,
   shuffle=True, preprocess=preprocessor)``: read cache -> decode -> augment, resize, label anchors
   -> shuffle(3 x batch) -> batch -> prefetch, iterated without a model (the baseline);
-- ``pipeline_ours``: ``trafficdet.modelmaker.training_dataset``, the same elements bit for bit;
+- ``pipeline_ours``: ``trafficdet.modelmaker.training.training_dataset``, the same elements bit for bit;
 - ``pipeline_ours_decoded_in_ram``: ours with the decoded images kept in memory (``cache()``),
   timed on passes after the first;
 - ``step``: the train step alone, Model Maker's model, loss and optimizer on one batch replayed;
@@ -44,12 +44,12 @@ from mediapipe_model_maker.python.vision.object_detector import dataset_util
 from mediapipe_model_maker.python.vision.object_detector.dataset import Dataset
 from mediapipe_model_maker.python.vision.object_detector.preprocessor import Preprocessor
 
-folder, cache, scratch = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+folder, cache, work = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 batch, passes, steps, architecture = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
 tf.keras.utils.set_random_seed(42)
 tf.config.experimental.enable_op_determinism()  # as stages/train.py
 data = Dataset.from_cache(dataset_util.get_cache_files_coco(str(folder), str(cache)))
-spec = mm.model_spec(architecture, scratch / "init")
+spec = mm.model_spec(architecture, work / "init")
 preprocessor = Preprocessor(spec)
 result = {"cores": len(__import__("os").sched_getaffinity(0))}
 
@@ -70,9 +70,9 @@ result["pipeline_ours"] = timed_passes(lambda: mm.training_dataset(data, preproc
 in_ram = Dataset(data._dataset.cache(), data.label_names, size=len(data))
 result["pipeline_ours_decoded_in_ram"] = timed_passes(lambda: mm.training_dataset(in_ram, preprocessor, batch, True), True)
 
-mm.write_scratch_checkpoint(spec, len(data.label_names), 3e-5, scratch / "init")
+mm.write_scratch_checkpoint(spec, len(data.label_names), 3e-5, work / "init")
 hparams = {"epochs": 1, "batch_size": batch, "learning_rate": 0.3}
-detector = mm.build_detector(architecture, scratch / "init", data.label_names, hparams, 3e-5, scratch)
+detector = mm.build_detector(architecture, work / "init", data.label_names, hparams, 3e-5, work)
 detector._optimizer = detector._create_optimizer(len(data) // batch)
 mm.create_model(detector, None)
 model = mm.keras_model(detector)
@@ -118,8 +118,8 @@ MEASURES = (
 
 
 def run_round(cores: str, folder: Path, cache: Path, args: argparse.Namespace) -> dict:
-    scratch = OUT / f"input-scratch-{cores.replace(',', '')}"
-    command = [sys.executable, "-c", CHILD, str(folder), str(cache), str(scratch), str(args.batch), str(args.passes)]
+    work = OUT / f"input-work-{cores.replace(',', '')}"
+    command = [sys.executable, "-c", CHILD, str(folder), str(cache), str(work), str(args.batch), str(args.passes)]
     result = subprocess.run(
         ["taskset", "-c", cores, *command, str(args.steps), args.architecture],
         capture_output=True,
@@ -196,7 +196,7 @@ def main() -> None:
 CACHE_CHILD = """
 import sys
 from pathlib import Path
-from trafficdet.modelmaker import quiet_tensorflow, write_coco_cache
+from trafficdet.modelmaker.cache import quiet_tensorflow, write_coco_cache
 quiet_tensorflow()
 write_coco_cache(Path(sys.argv[1]), Path(sys.argv[2]))
 """

@@ -2,7 +2,7 @@
 
 Runs the demo (`testkit.demo`) with `train.qat.enabled: true` (unless `--repo` names a demo
 repo that already trained with QAT), then exports each `export.quantization` (float32, int8,
-qat_int8) of that one trained model with this checkout's export stage, in a scratch view
+qat_int8) of that one trained model with this checkout's export stage, in a temporary view
 of the repo (as bench_tflite.py does), and scores each file on the validation set through
 the app's detection. AP does not depend on machine load; the seconds printed do.
 Results: bench/out/quantization.json.
@@ -52,9 +52,9 @@ def main() -> None:
         sys.exit(f"{repo}: trained without QAT; run without --repo, or the demo with --set train.qat.enabled=true")
     results = {}
     ground_truth = json.loads((repo / "data/split/val/labels.json").read_text())
-    with tempfile.TemporaryDirectory(prefix="bench_quantization.") as scratch:
+    with tempfile.TemporaryDirectory(prefix="bench_quantization.") as tmp:
         for kind in KINDS:
-            model = export_view(repo, Path(scratch), kind)
+            model = export_view(repo, Path(tmp), kind)
             tflite = coco_evaluate(ground_truth, tflite_detections(model, ground_truth, repo / "data/images", 100))
             results[kind] = {
                 "AP": round(tflite["overall"]["AP"], 4),

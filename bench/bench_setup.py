@@ -45,9 +45,9 @@ def timed(commands: list[list[str]], cwd: Path) -> float:
     return time.perf_counter() - started
 
 
-def install(installer: str, python: str, uv: str, repo: str, scratch: Path, cold: bool = False) -> tuple[float, list[str]]:
-    """Clone ``repo`` into ``scratch``, time ``installer`` building its .venv; return seconds and what it holds."""
-    clone = scratch / f"clone-{installer}"
+def install(installer: str, python: str, uv: str, repo: str, work: Path, cold: bool = False) -> tuple[float, list[str]]:
+    """Clone ``repo`` into ``work``, time ``installer`` building its .venv; return seconds and what it holds."""
+    clone = work / f"clone-{installer}"
     shutil.rmtree(clone, ignore_errors=True)
     subprocess.run(["git", "clone", "-q", repo, str(clone)], check=True)
     if installer == "pip":
@@ -58,7 +58,7 @@ def install(installer: str, python: str, uv: str, repo: str, scratch: Path, cold
         commands = [[uv, "venv", "-q", "--seed", "--python", python, ".venv"], sync]
     saved = os.environ.get("UV_CACHE_DIR")
     if cold:  # an empty cache for uv (pip ignores the variable)
-        os.environ["UV_CACHE_DIR"] = str(scratch / "uv-cache-cold")
+        os.environ["UV_CACHE_DIR"] = str(work / "uv-cache-cold")
     try:
         seconds = timed(commands, clone)
     finally:
@@ -71,13 +71,13 @@ def install(installer: str, python: str, uv: str, repo: str, scratch: Path, cold
     return seconds, installed
 
 
-def bootstrap_uv(version: str, scratch: Path) -> float:
+def bootstrap_uv(version: str, work: Path) -> float:
     """What `make setup` does on a host without uv: a small venv with uv from PyPI."""
-    target = scratch / "uv-bootstrap"
+    target = work / "uv-bootstrap"
     shutil.rmtree(target, ignore_errors=True)
     seconds = timed(
         [["python3", "-m", "venv", str(target)], [str(target / "bin/python"), "-m", "pip", "install", "-q", f"uv=={version}"]],
-        scratch,
+        work,
     )
     shutil.rmtree(target)
     return seconds
@@ -99,16 +99,16 @@ def main() -> None:
     first: dict[str, float] = {}
     sets: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-setup-", dir="/tmp") as tmp:
-        scratch = Path(tmp)
+        work = Path(tmp)
         for installer in ("uv", "pip"):  # first runs: whatever the caches held
-            first[installer], sets[installer] = install(installer, python, args.uv, args.repo, scratch, cold=True)
+            first[installer], sets[installer] = install(installer, python, args.uv, args.repo, work, cold=True)
         for _ in range(args.runs):
             for installer in times:
-                seconds, installed = install(installer, python, args.uv, args.repo, scratch)
+                seconds, installed = install(installer, python, args.uv, args.repo, work)
                 times[installer].append(seconds)
                 if installed != sets[installer]:
                     raise RuntimeError(f"{installer} installed another set in a later round")
-        bootstrap = [bootstrap_uv(uv_version, scratch) for _ in range(args.runs)]
+        bootstrap = [bootstrap_uv(uv_version, work) for _ in range(args.runs)]
     only = {name: sorted(set(sets[name]) - set(sets[other])) for name, other in (("pip", "uv"), ("uv", "pip"))}
     result = {
         "machine": machine(),

@@ -2,7 +2,7 @@
 
 Needs a repository whose train and evaluate stages have run (default: the demo's,
 .demo/repo, after `make demo`). Exports every export.quantization with this checkout's
-stages.export, each in a fresh process in a scratch view of that repository (its data and
+stages.export, each in a fresh process in a temporary view of that repository (its data and
 models/train linked, its own models/ folder: the repository's outputs stay as they are).
 Then, in this process, for each file: COCO AP on the whole validation set and median
 per-frame latency of the app's detection (trafficdet/app.py: letterbox + MediaPipe Tasks)
@@ -37,9 +37,9 @@ KINDS = typing.get_args(ExportParams.model_fields["quantization"].annotation)  #
 LARGE_CLASSES = ("car", "bus", "truck")
 
 
-def export_view(repo: Path, scratch: Path, kind: str) -> Path:
-    """Export ``kind`` from ``repo``'s trained model in a view of it under ``scratch``; return the TFLite file."""
-    view = scratch / kind
+def export_view(repo: Path, tmp: Path, kind: str) -> Path:
+    """Export ``kind`` from ``repo``'s trained model in a view of it under ``tmp``; return the TFLite file."""
+    view = tmp / kind
     (view / "models").mkdir(parents=True)
     for name in ("stages", "trafficdet"):  # this checkout's code
         (view / name).symlink_to(ROOT / name)
@@ -74,11 +74,11 @@ def main() -> None:
     keras = json.loads((repo / "reports/evaluate/coco.json").read_text())["keras"]
 
     variants: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="bench_tflite.") as scratch:
+    with tempfile.TemporaryDirectory(prefix="bench_tflite.") as tmp:
         models = {}
         for kind in args.kinds:
             started = time.perf_counter()
-            models[kind] = export_view(repo, Path(scratch), kind)
+            models[kind] = export_view(repo, Path(tmp), kind)
             print(f"exported {kind} in {time.perf_counter() - started:.0f} s", flush=True)
             result = coco_evaluate(ground_truth, tflite_detections(models[kind], ground_truth, images, 100), "faster_coco_eval")
             variants[kind] = {

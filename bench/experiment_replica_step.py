@@ -1,7 +1,7 @@
 """Experiment record: one training step on one device vs on 2 logical CPU replicas, same weights, same batch.
 
-Backs the figures in tests/test_distribute.py (the replica bounds) and trafficdet/modelmaker.py
-(create_model). Needs a repository whose train stage has run (default .demo/repo), for its
+Backs the figures in tests/test_distribute.py (the replica bounds) and
+trafficdet/modelmaker/training.py (create_model). Needs a repository whose train stage has run (default .demo/repo), for its
 data/cache and models/train/init. Each run is its own process (logical CPU devices must be set
 before TensorFlow starts): builds the model through trafficdet.modelmaker, loads the init
 checkpoint, takes the first training batch without augmentation, runs one Keras step (our
@@ -79,8 +79,10 @@ def one_step(mode: str, dtype: str, permuted: bool, out: Path, batch_size: int) 
     init = Path("models/train/init").resolve()
     (index,) = init.glob("*.index")
     hparams = {"batch_size": batch_size, "epochs": 1, "shuffle": False, "distribution_strategy": "off", "num_gpus": 0}
-    scratch = Path(tempfile.mkdtemp(prefix="replica_step."))  # Model Maker's export dir: nothing is written
-    detector = mm.build_detector(summary["architecture"], init, summary["labels"], hparams, summary["l2_weight_decay"], scratch)
+    export_dir = Path(tempfile.mkdtemp(prefix="replica_step."))  # Model Maker's export dir: nothing is written
+    detector = mm.build_detector(
+        summary["architecture"], init, summary["labels"], hparams, summary["l2_weight_decay"], export_dir
+    )
     mm.set_strategy(detector, strategy)
     preprocess = mm.preprocessor(detector)
     dataset = mm.load_dataset("train").gen_tf_dataset(

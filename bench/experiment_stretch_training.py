@@ -8,7 +8,7 @@ Model Maker's preprocessor is fed every image stretched to the model's square (s
 letterbox pads nothing), and the Keras evaluation maps boxes back per axis. Then it
 re-runs train, export and evaluate there and scores the TFLite with bench_app_input.py
 (the "stretch" rows are this option's app path: raw frames into Tasks). One-off: the
-patch matches the source text of trafficdet/modelmaker.py and stages/evaluate.py as of
+patch matches the source text of trafficdet/modelmaker/build.py and stages/evaluate.py as of
 this commit and stops if it does not. About 10 minutes on a quiet 2-core machine.
 """
 
@@ -41,13 +41,14 @@ def stretch_preprocessor(spec):
 '''
 
 PATCHES = {
-    "trafficdet/modelmaker.py": [
+    "trafficdet/modelmaker/build.py": [
         ("    return object_detector.ObjectDetector(\n", "    detector = object_detector.ObjectDetector(\n"),
         (
             "        model_options=model_options.ObjectDetectorModelOptions(l2_weight_decay=l2_weight_decay),\n    )\n\n\n"
-            "def label_names",
+            "def restore_detector",
             "        model_options=model_options.ObjectDetectorModelOptions(l2_weight_decay=l2_weight_decay),\n    )\n"
-            "    detector._preprocessor = stretch_preprocessor(detector._model_spec)\n    return detector\n\n\ndef label_names",
+            "    detector._preprocessor = stretch_preprocessor(detector._model_spec)\n    return detector\n\n\n"
+            "def restore_detector",
         ),
     ],
     "stages/evaluate.py": [
@@ -71,12 +72,14 @@ def main() -> None:
     shutil.rmtree(args.dir, ignore_errors=True)
     shutil.copytree(args.repo, args.dir, symlinks=True)
     for name, replacements in PATCHES.items():
+        if not (args.dir / name).is_file():
+            sys.exit(f"{args.repo}: no {name} (made before this checkout's layout?); run `make demo` again")
         text = (args.dir / name).read_text()
         for old, new in replacements:
             if text.count(old) != 1:
                 sys.exit(f"{name}: the text this experiment patches has changed; update PATCHES")
             text = text.replace(old, new)
-        if name == "trafficdet/modelmaker.py":
+        if name == "trafficdet/modelmaker/build.py":
             text += PREPROCESSOR
         (args.dir / name).write_text(text)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")

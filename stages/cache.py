@@ -13,7 +13,7 @@ from typing import Any
 
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.io import atomic_dir, read_json, remove_stale_temps, write_json
-from trafficdet.modelmaker import model_maker_folder, quiet_tensorflow, write_coco_cache
+from trafficdet.modelmaker.cache import model_maker_folder, quiet_tensorflow, write_coco_cache
 from trafficdet.paths import CACHE_REPORT, IMAGE_STORE, SIDES, SPLIT, cache_dir, split_labels
 
 

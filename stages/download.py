@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from trafficdet.architectures import IMAGENET, START_POINTS
+from trafficdet.architectures import IMAGENET, SCRATCH, START_POINTS
 from trafficdet.archive import extract_tar, extract_zip
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.fetch import RetryPolicy, fetch, file_digest, rewrite_mirror
@@ -28,9 +28,9 @@ COCO_INSTANCE_FILES = ("instances_train2017.json", "instances_val2017.json")
 CHECKPOINT_HINT = (
     "Model Maker's checkpoint bucket has answered 403 AccessDenied since early 2026: set download.checkpoint_url "
     f"to a copy you host, or use the default that downloads, download.pretrained: {IMAGENET} "
-    "(with train.architecture: mobilenet_v2), or download.pretrained: scratch"
+    f"(with train.architecture: mobilenet_v2), or download.pretrained: {SCRATCH}"
 )
-IMAGENET_HINT = "set download.checkpoint_url to a copy of the file you host, or download.pretrained: scratch"
+IMAGENET_HINT = f"set download.checkpoint_url to a copy of the file you host, or download.pretrained: {SCRATCH}"
 
 
 def _source_record(url: str, path: Path) -> dict[str, Any]:
@@ -97,8 +97,8 @@ def download_checkpoint(pretrained: str, url: str, checksum: str, policy: RetryP
     Keras weights file is kept as it is; the train stage builds the init checkpoint from it.
     """
     with atomic_dir(out) as tmp:
-        if pretrained == "scratch":
-            write_json(tmp / "manifest.json", {"pretrained": "scratch"}, indent=True)
+        if pretrained == SCRATCH:
+            write_json(tmp / "manifest.json", {"pretrained": SCRATCH}, indent=True)
             return
         point = START_POINTS[pretrained]
         url = url or point.url

@@ -39,7 +39,8 @@ from trafficdet.app import AppDetector, clip_box, read_frame
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.io import atomic_dir, read_json, remove_stale_temps, write_bytes, write_json
 from trafficdet.model_card import render as render_model_card
-from trafficdet.modelmaker import keras_model, load_dataset, preprocessor, quiet_tensorflow, restore_detector
+from trafficdet.modelmaker.build import keras_model, preprocessor, restore_detector
+from trafficdet.modelmaker.cache import load_dataset, quiet_tensorflow
 from trafficdet.params import EvaluateParams, load
 from trafficdet.paths import (
     EVALUATE_CONFUSION,

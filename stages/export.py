@@ -29,7 +29,9 @@ from trafficdet.app import INPUT_CONTRACT, AppDetector, read_frame
 from trafficdet.architectures import ARCHITECTURES
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.io import read_json, remove_stale_temps, write_bytes, write_json
-from trafficdet.modelmaker import load_dataset, quiet_tensorflow, restore_detector, restore_qat_detector
+from trafficdet.modelmaker.build import restore_detector
+from trafficdet.modelmaker.cache import load_dataset, quiet_tensorflow
+from trafficdet.modelmaker.qat import restore_qat_detector
 from trafficdet.params import ExportParams, load
 from trafficdet.paths import EXPORT_REPORT, EXPORT_TIMING, IMAGE_STORE, MODEL, MODEL_LABELS, MODEL_METADATA, TRAINED, split_labels
 from trafficdet.tflite_model import convert, detection_settings, with_metadata
@@ -113,8 +115,8 @@ def export(params: ExportParams, out_model: Path = MODEL) -> dict[str, Any]:
         )
     quiet_tensorflow()
     out_model.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="export.") as scratch:  # in data/.tmp/<pid>
-        tmp = Path(scratch)
+    with tempfile.TemporaryDirectory(prefix="export.") as tmp_dir:  # in data/.tmp/<pid>
+        tmp = Path(tmp_dir)
         detector = restore_qat_detector(TRAINED, tmp) if kind == "qat_int8" else restore_detector(TRAINED, tmp)
         labels = summary["labels"][1:]  # the model's class outputs: background (id 0) is not one
         converted = convert(detector, quantization_config(kind, params.representative_steps))

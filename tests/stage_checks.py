@@ -20,7 +20,7 @@ from tests.conftest import run
 OUTPUT_ROOTS = ("data", "models", "reports")
 # Kept on purpose, not outputs: archives and their partial downloads, so that a rerun resumes.
 RESUMABLE = "data/.downloads"
-SCRATCH = "data/.tmp"  # per-process temp folders, each removed when its process ends
+TEMP = "data/.tmp"  # per-process temp folders, each removed when its process ends
 
 
 def stage(repo: Path, name: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -77,9 +77,9 @@ def half_written(root: Path) -> list[str]:
     for top in OUTPUT_ROOTS:
         for path in (root / top).rglob("*") if (root / top).is_dir() else ():
             relative = path.relative_to(root).as_posix()
-            if relative.startswith(RESUMABLE) or relative == SCRATCH:
+            if relative.startswith(RESUMABLE) or relative == TEMP:
                 continue
-            if relative.startswith(SCRATCH + "/"):  # a temp folder of a process that is gone
+            if relative.startswith(TEMP + "/"):  # a temp folder of a process that is gone
                 left.append(relative)
                 continue
             if path.name.endswith((".tmp", ".part", ".new")) or (path.parent.name == "images" and path.name.startswith(".")):

@@ -48,7 +48,7 @@ def test_tasks_stretch_of_the_padded_frame_is_model_makers_letterbox(tmp_path: P
     import tensorflow as tf
     from mediapipe_model_maker.python.vision.object_detector.preprocessor import Preprocessor
 
-    from trafficdet.modelmaker import model_spec
+    from trafficdet.modelmaker.build import model_spec
 
     spec = model_spec("mobilenet_multi_avg", tmp_path)
     side = spec.input_image_shape[0]

@@ -383,7 +383,7 @@ def test_two_workers_on_loopback(two_workers: tuple[list[Path], list[subprocess.
     assert len(steps) == 2 and all(f"of {summary['final']['steps']} steps" in line for line in steps), steps
     for path in ("models/train", "models/train_state", "reports/train"):
         assert not (other / path).exists(), path
-    assert not list((other / "data/.tmp").iterdir()), "the worker's scratch copy should be gone"
+    assert not list((other / "data/.tmp").iterdir()), "the worker's temp copy should be gone"
 
     # Worker 1 kept its copy of models/train (KEEP_WORKER_OUTPUTS): the same weights, bit for bit.
     kept = other.parent / "kept/worker1"
@@ -404,7 +404,7 @@ def test_workers_that_would_resume_differently_stop_with_one_line(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The chief has a backup after epoch 1, the other worker (own copy) none: both stop before training, clearly."""
-    from trafficdet.modelmaker import cache_record
+    from trafficdet.modelmaker.cache import cache_record
     from trafficdet.params import load
     from trafficdet.resume import fingerprint, owner
     from trafficdet.start import resolve_start

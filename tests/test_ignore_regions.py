@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trafficdet.modelmaker import model_maker_folder, model_spec, quiet_tensorflow, write_coco_cache
+from trafficdet.modelmaker.build import model_spec
+from trafficdet.modelmaker.cache import model_maker_folder, quiet_tensorflow, write_coco_cache
 
 OBJECT = [20.0, 30.0, 60.0, 50.0]  # COCO xywh, in a 256 x 256 image: the model's input size, so no rescaling
 REGION = [150.0, 140.0, 70.0, 80.0]
@@ -38,7 +39,7 @@ def labelled(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from mediapipe_model_maker.python.vision.object_detector.dataset import Dataset
     from mediapipe_model_maker.python.vision.object_detector.preprocessor import Preprocessor
 
-    from trafficdet.modelmaker import _train_preprocess
+    from trafficdet.modelmaker.training import _train_preprocess
 
     root = tmp_path_factory.mktemp("ignore")
     (root / "store").mkdir()

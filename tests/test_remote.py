@@ -27,7 +27,7 @@ _prefixes = itertools.count()
 
 
 def file_md5s(repo: Path) -> dict[str, str]:
-    """md5 of every file under data/ and models/ (the DVC outputs), scratch dirs aside."""
+    """md5 of every file under data/ and models/ (the DVC outputs), temp dirs aside."""
     digests = {}
     for root in OUTPUT_ROOTS:
         for path in sorted((repo / root).rglob("*")):

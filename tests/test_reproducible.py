@@ -58,7 +58,7 @@ class Pass:
     lock_after: dict = field(default_factory=dict)
     full_disk: dict[str, tuple[subprocess.CompletedProcess[str], list[str], list[str]]] = field(default_factory=dict)
     killed_leftovers: list[str] = field(default_factory=list)
-    scratch_after: dict[str, list[str]] = field(default_factory=dict)
+    temp_after: dict[str, list[str]] = field(default_factory=dict)
     cache_after: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -119,7 +119,7 @@ def forced(tiny_pipeline: PipelineRun, fixture_tree, tmp_path_factory: pytest.Te
             if name == "cache":
                 record.killed_leftovers = kill_midway(repo)
             run(["dvc", "repro", "-f", "-s", name], repo)
-            record.scratch_after[name] = listing(repo / "data/.tmp")
+            record.temp_after[name] = listing(repo / "data/.tmp")
             if name == "cache":
                 record.cache_after = listing(repo / "data/cache")
             record.seconds[name] = round(time.monotonic() - started, 1)
@@ -165,5 +165,5 @@ def test_killed_and_finished_runs_leave_no_temp_folders(forced: Pass) -> None:
     assert any(path.startswith("data/cache/.train.") for path in forced.killed_leftovers), forced.killed_leftovers
     assert any(path.startswith("data/.tmp/") for path in forced.killed_leftovers), forced.killed_leftovers
     assert forced.cache_after == [".gitignore", "train", "val"]  # the killed run's temp folder is gone
-    assert forced.scratch_after == {name: [] for name in STAGES}  # nothing piles up in data/.tmp
+    assert forced.temp_after == {name: [] for name in STAGES}  # nothing piles up in data/.tmp
     assert os.listdir(forced.repo / "data/images")  # (the store is still there)

@@ -55,7 +55,7 @@ def test_parallel_cache_writes_model_makers_bytes(tiny_pipeline: PipelineRun, tm
     code = """
 import filecmp, sys
 from pathlib import Path
-from trafficdet.modelmaker import quiet_tensorflow, write_coco_cache
+from trafficdet.modelmaker.cache import quiet_tensorflow, write_coco_cache
 quiet_tensorflow()
 import tensorflow as tf
 folder, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -118,7 +118,9 @@ def test_training_input_is_model_makers_bit_for_bit(cached_repo: Path) -> None: 
     code = """
 from pathlib import Path
 import numpy as np
-from trafficdet.modelmaker import load_dataset, model_spec, quiet_tensorflow, training_dataset
+from trafficdet.modelmaker.build import model_spec
+from trafficdet.modelmaker.cache import load_dataset, quiet_tensorflow
+from trafficdet.modelmaker.training import training_dataset
 quiet_tensorflow()
 import tensorflow as tf
 from mediapipe_model_maker.python.vision.object_detector.dataset import Dataset
@@ -193,9 +195,10 @@ def test_bfloat16_and_a_larger_batch_train_and_evaluate(cached_repo: Path, tmp_p
     code = """
 import json
 from pathlib import Path
-from trafficdet.modelmaker import load_dataset, quiet_tensorflow, restore_detector
+from trafficdet.modelmaker.build import restore_detector
+from trafficdet.modelmaker.cache import load_dataset, quiet_tensorflow
 quiet_tensorflow()
-detector = restore_detector(Path("models/train"), Path("scratch"))
+detector = restore_detector(Path("models/train"), Path("export_unused"))
 _, metrics = detector.evaluate(load_dataset("val"), batch_size=4)
 print("result", json.dumps({name: float(value) for name, value in metrics.items()}))
 """

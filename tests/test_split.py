@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from stages import split
 from trafficdet.errors import PipelineError
-from trafficdet.modelmaker import model_maker_folder
+from trafficdet.modelmaker.cache import model_maker_folder
 from trafficdet.stratify import stratified_split, validation_size
 
 

@@ -330,7 +330,8 @@ import json, math, tempfile, numpy as np, tensorflow as tf
 from pathlib import Path
 from stages.evaluate import keras_batch_detections
 from trafficdet.app import AppDetector, clip_box
-from trafficdet.modelmaker import keras_model, load_dataset, preprocessor, quiet_tensorflow, restore_detector
+from trafficdet.modelmaker.build import keras_model, preprocessor, restore_detector
+from trafficdet.modelmaker.cache import load_dataset, quiet_tensorflow
 from trafficdet.params import EvaluateParams, load
 from trafficdet.paths import TRAINED
 from trafficdet.tflite_model import convert, with_metadata
@@ -495,7 +496,9 @@ from stages.train import init_checkpoint
 from trafficdet.start import resolve_start
 from testkit.keras_weights import keras_level_outputs
 from trafficdet.fetch import RetryPolicy
-from trafficdet.modelmaker import build_detector, cache_record, create_model, label_names
+from trafficdet.modelmaker.build import build_detector
+from trafficdet.modelmaker.cache import cache_record, label_names
+from trafficdet.modelmaker.training import create_model
 from trafficdet.params import TrainParams, load
 
 download_checkpoint("mobilenet_v2_imagenet", "{server.url}/{KERAS_WEIGHTS_PATH}", "", RetryPolicy(retries=1))
@@ -586,6 +589,7 @@ def test_a_coco_trained_start_validated_on_train2017_images_prints_one_warning(
 ) -> None:
     """Model Maker's checkpoints were trained on COCO train2017: validating on those images flatters AP."""
     from stages import train as train_stage
+    from trafficdet.modelmaker import cache as modelmaker_cache
     from trafficdet.params import TrainParams, parse
     from trafficdet.start import Start
 
@@ -594,7 +598,7 @@ def test_a_coco_trained_start_validated_on_train2017_images_prints_one_warning(
         "train": {"size": 40, "num_shards": 1, "origins": {"train2017": 40}},
         "val": {"size": 10, "num_shards": 1, "origins": {"train2017": 6, "val2017": 4}},
     }
-    monkeypatch.setattr(train_stage.mm, "cache_record", lambda side: records[side])
+    monkeypatch.setattr(modelmaker_cache, "cache_record", lambda side: records[side])  # where mm.cache_record is looked up
 
     class StopError(Exception):
         pass

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from trafficdet.errors import PipelineError
-from trafficdet.paths import SCRATCH
+from trafficdet.paths import TEMP
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -74,18 +74,18 @@ def remove_stale_temps(*outputs: Path) -> None:
             shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink(missing_ok=True)
 
 
-def private_tmpdir(scratch: Path = SCRATCH) -> Path:
+def private_tmpdir(parent: Path = TEMP) -> Path:
     """Point ``TMPDIR`` at ``data/.tmp/<pid>/``, removed when the process exits.
 
     Model Maker makes temp dirs as it imports and builds; they land here instead of the
     user's ``/tmp``. Folders of processes that no longer run (killed runs) are removed first;
     those of live ones are left alone (the workers of a multi-worker run share a repository).
     """
-    scratch.mkdir(parents=True, exist_ok=True)
-    for folder in scratch.iterdir():
+    parent.mkdir(parents=True, exist_ok=True)
+    for folder in parent.iterdir():
         if folder.is_dir() and not (folder.name.isdigit() and _alive(int(folder.name))):
             shutil.rmtree(folder, ignore_errors=True)
-    mine = (scratch / str(os.getpid())).resolve()
+    mine = (parent / str(os.getpid())).resolve()
     mine.mkdir(exist_ok=True)
     os.environ["TMPDIR"] = str(mine)
     tempfile.tempdir = None  # re-read TMPDIR

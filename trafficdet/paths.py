@@ -13,7 +13,7 @@ PIPELINE = Path("dvc.yaml")
 
 # Not DVC outputs: `dvc repro` deletes outputs before a stage runs, and these must survive it.
 DOWNLOADS = Path("data/.downloads")  # archives and partial downloads, so a killed download resumes
-SCRATCH = Path("data/.tmp")  # per-process temp dirs (Model Maker's among them), removed at exit
+TEMP = Path("data/.tmp")  # per-process temp dirs (Model Maker's among them), removed at exit
 
 # download
 RAW_ANNOTATIONS = Path("data/raw/annotations")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trafficdet.modelmaker import detector_spec, preprocessor, retinanet
+from trafficdet.modelmaker.build import detector_spec, preprocessor, retinanet
 
 DETECTION_STEP = "detection_step"  # the name scope of every op after the network
 # Op types only the detection step uses (the network's are convolutions, adds, multiplies and
