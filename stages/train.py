@@ -1,20 +1,16 @@
 """train: fine-tune Model Maker's object detector on the cached TFRecords, resumably.
 
-Reads data/cache/{train,val} and models/pretrained (a Model Maker COCO checkpoint, Keras'
-ImageNet MobileNetV2 for the backbone, or nothing for a seeded scratch initialisation); writes
-    models/train/           float_ckpt.*, init/ (the starting checkpoint, needed to rebuild
-                            the model), train.json and, with train.qat.enabled, qat_ckpt.*
-                            (the quantization-aware fine-tune export.quantization: qat_int8 reads)
-    models/train_state/     persist: the last finished epoch (Keras BackupAndRestore) and the
-                            logged history, so a killed run continues where it stopped; once
-                            the float phase is done, its checkpoint (a kill during QAT reruns
-                            only the QAT phase); with train.resume_remote also copied to durable
-                            storage after every epoch, and restored from there into a fresh clone
+Reads data/cache/{train,val} and models/pretrained (a Model Maker COCO checkpoint, Keras' ImageNet
+MobileNetV2 for the backbone, or nothing: a seeded scratch initialisation); writes
+    models/train/           float_ckpt.*, init/ (the start, needed to rebuild the model), train.json,
+                            and with train.qat.enabled qat_ckpt.* (export.quantization: qat_int8 reads it)
+    models/train_state/     persist: the last finished epoch and the logged history (a killed run goes
+                            on from there), the float checkpoint once done (a kill in QAT reruns QAT
+                            only); with train.resume_remote copied out after every epoch
     reports/train/          dvclive: per-epoch train/val losses and learning rate
-    reports/timing/train/   dvclive: per-epoch seconds and training images/s, and the device line (measurements)
+    reports/timing/train/   dvclive: per-epoch seconds, images/s and the device line (measurements)
 
-With train.distribution_strategy: multi_worker_mirrored only the chief writes these; other
-workers train in step with it and discard what they write (trafficdet/distribute.py).
+With multi_worker_mirrored only the chief writes these; another worker's go to a discarded folder.
 """
 
 from __future__ import annotations
@@ -25,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import trafficdet.modelmaker as mm
 from trafficdet.architectures import IMAGENET
 from trafficdet.device import device_line, use_device
 from trafficdet.distribute import (
@@ -44,6 +39,7 @@ from trafficdet.errors import PipelineError, run_stage
 from trafficdet.history import make_history_callback
 from trafficdet.imagenet import copy_into_backbone
 from trafficdet.io import atomic_dir, write_json
+from trafficdet.modelmaker import build, cache, qat, training
 from trafficdet.params import TrainParams, load
 from trafficdet.paths import TRAIN_STATE, TRAINED
 from trafficdet.resume import checked_remote, keep_float_phase, mark_complete, owner, prepare_state
@@ -64,7 +60,7 @@ class Data:
 def train(params: TrainParams) -> dict[str, Any]:
     """Train (resuming if a matching state exists) and write models/train atomically (on the chief only)."""
     # Checks: params.yaml's keys among themselves were checked at load; data, TF_CONFIG and the start point here.
-    train_info, val_info = mm.cache_record("train"), mm.cache_record("val")
+    train_info, val_info = cache.cache_record("train"), cache.cache_record("val")
     plan, start = validate(params, train_info["size"], val_info["size"])
     current = owner(params, [train_info, val_info], start)
     remote = checked_remote(params, plan.chief, current)
@@ -122,7 +118,7 @@ def validate(params: TrainParams, train_size: int, val_size: int) -> tuple[Distr
 def start_tensorflow(params: TrainParams, plan: Distribution, warning: str | None) -> tuple[Any, str]:
     """Import TensorFlow on the device train.device asks for, print the device line (the first line) and the
     leakage warning, seed it; return the strategy and the device line."""
-    mm.quiet_tensorflow()
+    cache.quiet_tensorflow()
     import tensorflow as tf
 
     use_device(params)  # stops if nvidia-smi lists a GPU TensorFlow cannot use; hides GPUs for train.device: cpu
@@ -143,14 +139,14 @@ def start_tensorflow(params: TrainParams, plan: Distribution, warning: str | Non
 
 def load_data(params: TrainParams, plan: Distribution, strategy: Any, train_info: dict[str, Any]) -> Data:
     """The cached train and val sets, whole batches only with several replicas, sharded between workers."""
-    train_data, val_data = mm.load_dataset("train"), mm.load_dataset("val")
+    train_data, val_data = cache.load_dataset("train"), cache.load_dataset("val")
     if strategy.num_replicas_in_sync > 1:
-        mm.whole_batches(val_data, params.batch_size)
+        training.whole_batches(val_data, params.batch_size)
     options, auto_shard = auto_shard_options(plan, int(train_info["num_shards"]))
     if options is not None:
         for data in (train_data, val_data):
-            mm.set_dataset_options(data, options)
-    return Data(train_data, val_data, mm.label_names(train_info), auto_shard)
+            training.set_dataset_options(data, options)
+    return Data(train_data, val_data, cache.label_names(train_info), auto_shard)
 
 
 def init_checkpoint(start: Start, params: TrainParams, num_classes: int, out: Path) -> None:
@@ -158,11 +154,11 @@ def init_checkpoint(start: Start, params: TrainParams, num_classes: int, out: Pa
     if start.coco_trained:  # a Model Maker COCO checkpoint, as downloaded
         shutil.copytree(start.weights, out)
         return
-    spec = mm.model_spec(params.architecture, out)
-    network = mm.build_network(spec, num_classes, params.l2_weight_decay)  # decoder and head start here in both cases
+    spec = build.model_spec(params.architecture, out)
+    network = build.build_network(spec, num_classes, params.l2_weight_decay)  # decoder and head start here in both cases
     if start.name == IMAGENET:
         copy_into_backbone(start.weights, network.backbone)
-    mm.write_init_checkpoint(network, spec, out)
+    build.write_init_checkpoint(network, spec, out)
 
 
 def make_detector(params: TrainParams, start: Start, labels: list[str], strategy: Any, out: Path) -> Any:
@@ -178,8 +174,8 @@ def make_detector(params: TrainParams, start: Start, labels: list[str], strategy
         "distribution_strategy": "off",  # the strategy is make_strategy()'s; HParams would build a second one
         "num_gpus": 0,
     }
-    detector = mm.build_detector(params.architecture, out / "init", labels, hparams, params.l2_weight_decay, out)
-    mm.set_strategy(detector, strategy)
+    detector = build.build_detector(params.architecture, out / "init", labels, hparams, params.l2_weight_decay, out)
+    training.set_strategy(detector, strategy)
     return detector
 
 
@@ -194,7 +190,7 @@ def set_callbacks(
         folders.live, folders.timing, folders.state / "history.json", train_size, params.epochs, params.batch_size, device
     )
     callbacks = [history, tf.keras.callbacks.BackupAndRestore(str(folders.state / "backup"))]
-    mm.set_callbacks(detector, callbacks + ([make_push_callback(pusher, folders.state)] if pusher else []))
+    training.set_callbacks(detector, callbacks + ([make_push_callback(pusher, folders.state)] if pusher else []))
     return history
 
 
@@ -203,7 +199,7 @@ def train_float(
 ) -> None:
     """The float phase into ``out/float_ckpt``, or, if a killed run finished it, its kept checkpoint restored."""
     if not float_done:
-        mm.create_and_train(  # writes out/float_ckpt
+        training.create_and_train(  # writes out/float_ckpt
             detector, data.train, data.val, params.bn_momentum, params.mixed_precision, params.jit_compile, epochs_done
         )
         return
@@ -211,7 +207,7 @@ def train_float(
     history.replay()
     for file in TRAIN_STATE.glob("float_ckpt.*"):
         shutil.copy2(file, out / file.name)
-    mm.restore_trained_float(detector, data.train, out / "float_ckpt", params.bn_momentum, params.jit_compile)
+    training.restore_trained_float(detector, data.train, out / "float_ckpt", params.bn_momentum, params.jit_compile)
 
 
 def train_qat(
@@ -225,11 +221,17 @@ def train_qat(
         if pusher:
             push_or_warn(pusher, TRAIN_STATE, params.epochs)
     tf.keras.utils.set_random_seed(params.seed)  # the same QAT after a kill as in one go
-    qat, alpha = params.qat, params.cosine_decay_alpha
-    qat_log = mm.quantization_aware_training(
-        detector, data.train, data.val, epochs=qat.epochs, learning_rate=qat.learning_rate, batch_size=qat.batch_size, alpha=alpha
+    settings = params.qat
+    qat_log = qat.quantization_aware_training(
+        detector,
+        data.train,
+        data.val,
+        epochs=settings.epochs,
+        learning_rate=settings.learning_rate,
+        batch_size=settings.batch_size,
+        alpha=params.cosine_decay_alpha,
     )
-    mm.qat_checkpoint(detector).write(str(out / "qat_ckpt"))
+    qat.qat_checkpoint(detector).write(str(out / "qat_ckpt"))
     return qat_log
 
 
@@ -265,7 +267,7 @@ def summarize(
             "chief": plan.chief,
             "auto_shard": data.auto_shard,
         },
-        "speed": mm.speed_settings(detector),
+        "speed": training.speed_settings(detector),
         "final": history.history[-1] if history.history else {},
         "qat": None if qat_log is None else {**params.qat.model_dump(exclude={"enabled"}), "history": qat_log},
     }

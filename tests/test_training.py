@@ -598,7 +598,7 @@ def test_a_coco_trained_start_validated_on_train2017_images_prints_one_warning(
         "train": {"size": 40, "num_shards": 1, "origins": {"train2017": 40}},
         "val": {"size": 10, "num_shards": 1, "origins": {"train2017": 6, "val2017": 4}},
     }
-    monkeypatch.setattr(modelmaker_cache, "cache_record", lambda side: records[side])  # where mm.cache_record is looked up
+    monkeypatch.setattr(modelmaker_cache, "cache_record", lambda side: records[side])  # where the train stage looks it up
 
     class StopError(Exception):
         pass
