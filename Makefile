@@ -42,7 +42,7 @@ bench: setup-dev  ## run bench/ (results in bench/out/, figures in BENCHMARKS.md
 gpu-check: setup  ## on a GPU: train steps/s by precision and XLA, GPU vs CPU (bench/bench_gpu.py); else says there is none
 	$(BIN)/python bench/bench_gpu.py
 
-demo: setup  ## the whole pipeline offline on synthetic street scenes (about 8 min on a quiet machine)
+demo: setup  ## the whole pipeline offline on synthetic street scenes (its time and AP: BENCHMARKS.md, The offline demo)
 	$(BIN)/python -m testkit.demo
 
 # The experiments of HEAD: each one's name, the params it changed and the headline metrics

@@ -60,7 +60,7 @@ def test_every_path_in_dvc_yaml_is_named_in_the_paths_module() -> None:
 
 
 def test_product_code_imports_no_tooling() -> None:
-    for module in sorted((ROOT / PRODUCT).glob("*.py")):
+    for module in sorted((ROOT / PRODUCT).rglob("*.py")):
         for path in local_imports(module):
             top = path.relative_to(ROOT).parts[0]
             assert top not in TOOLING, f"{module.name} imports {path.relative_to(ROOT)}"
