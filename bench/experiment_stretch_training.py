@@ -53,10 +53,10 @@ PATCHES = {
     ],
     "stages/evaluate.py": [
         (
-            "            scale_y, scale_x = info[b, 2]  # image_info rows: original size, scaled size, scale, offset\n",
-            "            size = info[b, 1]  # stretched: the model's square; map back per axis\n"
-            "            scale_y = size[0] / float(y['groundtruths']['height'][b])\n"
-            "            scale_x = size[1] / float(y['groundtruths']['width'][b])\n",
+            "        (height, width), (scale_y, scale_x) = info[b, 0], info[b, 2]"
+            "  # rows: original size, square, scale, offset\n",
+            "        (height, width), size = info[b, 0], info[b, 1]  # stretched: the model's square; map back per axis\n"
+            "        scale_y, scale_x = size[0] / float(height), size[1] / float(width)\n",
         )
     ],
 }
