@@ -11,16 +11,15 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 import yaml
 
-from testkit.fixture import write_video
+from testkit.fixture import download_params, write_video
 from testkit.fixture_server import FixtureServer
 from testkit.keras_weights import KERAS_WEIGHTS_PATH
 from testkit.object_store import ACCESS_KEY, SECRET_KEY, ObjectStore
@@ -119,9 +118,19 @@ def copy_tree(fs: Any, source: str, dest: str) -> None:
     fs.invalidate_cache()
 
 
+@pytest.fixture
+def data_server(fixture_tree) -> Iterator[FixtureServer]:
+    """The loopback fixture, served for a whole test: a commit that names its URL can be cloned and reproduced.
+
+    (Serving again later on the port the session's tiny pipeline once used races other tests' servers.)
+    """
+    with FixtureServer(fixture_tree[0]) as server:
+        yield server
+
+
 @pytest.mark.slow
 def test_killed_training_resumes_from_last_epoch_then_reruns_only_qat(
-    cached_repo: Path, object_store: ObjectStore, fixture_tree, tmp_path: Path
+    cached_repo: Path, object_store: ObjectStore, fixture_tree, data_server: FixtureServer, tmp_path: Path
 ) -> None:
     """One sequence, the state copied to the S3 store (train.resume_remote) after every epoch:
 
@@ -150,6 +159,8 @@ def test_killed_training_resumes_from_last_epoch_then_reruns_only_qat(
         return json.loads(fs.cat_file(pointer))["epochs"] if fs.exists(pointer) else 0
 
     first = copy_of(cached_repo, tmp_path / "first")
+    for key, value in download_params(data_server.url, fixture_tree[1]).items():  # the data the commit names
+        set_param(first, "download", key, value)
     set_param(first, "train", "epochs", 2)
     set_param(first, "train", "qat", QAT_TINY)
     set_param(first, "train", "resume_remote", url)
@@ -173,10 +184,8 @@ def test_killed_training_resumes_from_last_epoch_then_reruns_only_qat(
     assert len(uninterrupted) == 2 and "Epoch 2/2" in log.read_text()
     copy_tree(fs, lost, root)  # the store as the lost machine left it
 
-    second = fresh_clone(first, tmp_path / "second")
-    mirror = yaml.safe_load((second / "params.yaml").read_text())["download"]["mirror"]
-    with FixtureServer(fixture_tree[0], port=urlsplit(mirror).port):  # the data stages' URLs, as committed
-        printed = start_and_kill(second, float_done(second), **endpoint)
+    second = fresh_clone(first, tmp_path / "second")  # its data stages fetch from data_server, as committed
+    printed = start_and_kill(second, float_done(second), **endpoint)
     assert f"train: restored the state after epoch 1 from {url}" in printed
     assert "resuming after epoch 1" in printed and "Epoch 2/2" in printed
     assert "Epoch 1/2" not in printed  # epochs redone after the loss: 0
