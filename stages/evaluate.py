@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from trafficdet import confusion
+import trafficdet.confusion as confusion
 from trafficdet.app import AppDetector, clip_box, read_frame
 from trafficdet.errors import PipelineError, run_stage
 from trafficdet.io import atomic_dir, read_json, remove_stale_temps, write_bytes, write_json

@@ -4,9 +4,8 @@ Reads data/cache/{train,val} and models/pretrained (a Model Maker COCO checkpoin
 MobileNetV2 for the backbone, or nothing: a seeded scratch initialisation); writes
     models/train/           float_ckpt.*, init/ (the start, needed to rebuild the model), train.json,
                             and with train.qat.enabled qat_ckpt.* (export.quantization: qat_int8 reads it)
-    models/train_state/     persist: the last finished epoch and the logged history (a killed run goes
-                            on from there), the float checkpoint once done (a kill in QAT reruns QAT
-                            only); with train.resume_remote copied out after every epoch
+    models/train_state/     persist: the last finished epoch and history (a killed run goes on from there),
+                            the float checkpoint once done (a kill in QAT reruns QAT only), copied to resume_remote
     reports/train/          dvclive: per-epoch train/val losses and learning rate
     reports/timing/train/   dvclive: per-epoch seconds, images/s and the device line (measurements)
 
@@ -21,6 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import trafficdet.modelmaker.build as build  # module paths: the package __init__ is not a declared dep
+import trafficdet.modelmaker.cache as cache
+import trafficdet.modelmaker.qat as qat
+import trafficdet.modelmaker.training as training
 from trafficdet.architectures import IMAGENET
 from trafficdet.device import device_line, use_device
 from trafficdet.distribute import (
@@ -39,7 +42,6 @@ from trafficdet.errors import PipelineError, run_stage
 from trafficdet.history import make_history_callback
 from trafficdet.imagenet import copy_into_backbone
 from trafficdet.io import atomic_dir, write_json
-from trafficdet.modelmaker import build, cache, qat, training
 from trafficdet.params import TrainParams, load
 from trafficdet.paths import TRAIN_STATE, TRAINED
 from trafficdet.resume import checked_remote, keep_float_phase, mark_complete, owner, prepare_state
@@ -116,8 +118,7 @@ def validate(params: TrainParams, train_size: int, val_size: int) -> tuple[Distr
 
 
 def start_tensorflow(params: TrainParams, plan: Distribution, warning: str | None) -> tuple[Any, str]:
-    """Import TensorFlow on the device train.device asks for, print the device line (the first line) and the
-    leakage warning, seed it; return the strategy and the device line."""
+    """Import TensorFlow on train.device's device, print the device line first, then the warning; seed it."""
     cache.quiet_tensorflow()
     import tensorflow as tf
 
@@ -182,8 +183,7 @@ def make_detector(params: TrainParams, start: Start, labels: list[str], strategy
 def set_callbacks(
     detector: Any, params: TrainParams, folders: Folders, train_size: int, device: str, pusher: ResumeRemote | None
 ) -> Any:
-    """Log every epoch (dvclive, history), back it up for resuming, and copy it out (train.resume_remote);
-    return the history callback."""
+    """Log every epoch (dvclive, history), back it up, copy it out (resume_remote); return the history."""
     import tensorflow as tf
 
     history = make_history_callback(
