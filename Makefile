@@ -24,7 +24,7 @@ repro: setup  ## run the pipeline (dvc repro): COCO 2017 + cocoTraffic -> models
 	dvc repro
 
 test: setup-dev  ## run the test suite, offline (fixture and S3 store on 127.0.0.1)
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: setup-dev  ## ruff check and format check
 	ruff check . && ruff format --check .

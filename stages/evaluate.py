@@ -129,7 +129,7 @@ def keras_detections(detector: Any, batch_size: int) -> tuple[list[dict[str, Any
 def keras_batch_detections(model: Any, x: Any, y: Any) -> list[dict[str, Any]]:
     """The Keras model's detections of one batch of Model Maker's eval pipeline, boxes clipped as the app's are.
 
-    One clipping rule for the Keras model and the shipped file (tests/test_training.py checks
+    One clipping rule for the Keras model and the shipped file (tests/test_learned_model.py checks
     they agree): the decoded boxes are clipped to the model's whole input square before NMS,
     which is all the file can do (Tasks hands it the letterboxed square and nothing says
     where the frame ends inside it); ``image_info`` row 1 is that square (Model Maker's

@@ -26,6 +26,27 @@ from testkit.repo_copy import ROOT, copy_repo
 BIN = Path(sys.executable).parent
 
 
+# `make test` hands whole files to 2 xdist workers in collection order (--dist loadfile
+# --no-loadscope-reorder): the longest files go first so the workers end together, and the first
+# one needs no tiny_pipeline, so one worker has work while the other builds it. Measured
+# (BENCHMARKS.md, "make test from a fresh clone"); the other files follow alphabetically.
+LONGEST_FIRST = (
+    "test_own_dataset.py",
+    "test_learned_model.py",
+    "test_training.py",
+    "test_distribute.py",
+    "test_experiments.py",
+    "test_reproducible.py",
+    "test_speed.py",
+    "test_remote.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 @pytest.fixture(scope="session")
 def fixture_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     """40 synthetic scenes, with bad boxes and one truncated JPEG, in the real sources' layout."""
@@ -132,6 +153,27 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory, fixture_tree) -> Pip
             shutil.rmtree(built, ignore_errors=True)
             record.write_text(json.dumps(build_tiny_pipeline(root, manifest, built / "repo")))
     return PipelineRun(built / "repo", json.loads(record.read_text()))
+
+
+@pytest.fixture(scope="module")
+def cached_repo(tiny_pipeline: PipelineRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repo whose data stages have run once (the session's tiny run, model half removed); tests work on copies."""
+    repo = copy_of(tiny_pipeline.repo, tmp_path_factory.mktemp("cached") / "repo")
+    for output in ("models/train", "models/train_state", "reports/train", "reports/evaluate", ".dvc/cache/runs"):
+        shutil.rmtree(repo / output, ignore_errors=True)
+    for output in ("model.tflite", "metadata.json", "labels.txt", "MODEL_CARD.md"):
+        (repo / "models" / output).unlink(missing_ok=True)
+    (repo / "reports/export.json").unlink(missing_ok=True)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    for stage in ("train", "export", "evaluate"):
+        del lock["stages"][stage]
+    (repo / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    return repo
+
+
+def copy_of(repo: Path, dest: Path) -> Path:
+    shutil.copytree(repo, dest, symlinks=True)
+    return dest
 
 
 def build_tiny_pipeline(root: Path, manifest: dict[str, Any], repo: Path) -> dict[str, str]:

@@ -19,9 +19,9 @@ import yaml
 
 from stages.train import validate
 from testkit.repo_copy import ROOT
-from tests.conftest import PipelineRun, run, stage_env
+from tests.conftest import PipelineRun, copy_of, run, stage_env
 from tests.test_pipeline import set_param
-from tests.test_training import cached_repo, checkpoint_values, copy_of  # noqa: F401  (cached_repo is a fixture)
+from tests.test_training import checkpoint_values
 from trafficdet.distribute import KEEP_WORKER_OUTPUTS, plan_distribution
 from trafficdet.errors import PipelineError
 from trafficdet.params import TrainParams, parse
@@ -315,7 +315,7 @@ def finish_workers(workers: list[subprocess.Popen]) -> list[tuple[int, str, str]
 
 @pytest.fixture(scope="module")
 def two_workers(
-    cached_repo: Path,  # noqa: F811
+    cached_repo: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[list[Path], list[subprocess.Popen]]]:
     """A multi_worker_mirrored run of 2 workers on 127.0.0.1, each in its own copy, started in the background.
@@ -341,7 +341,7 @@ def two_workers(
 
 @pytest.mark.slow
 def test_mirrored_over_two_cpu_replicas(
-    cached_repo: Path,  # noqa: F811
+    cached_repo: Path,
     two_workers: tuple[list[Path], list[subprocess.Popen]],  # started first: they train while this test does
     tiny_pipeline: PipelineRun,
     tmp_path: Path,
@@ -399,7 +399,7 @@ def test_two_workers_on_loopback(two_workers: tuple[list[Path], list[subprocess.
 
 @pytest.mark.slow
 def test_workers_that_would_resume_differently_stop_with_one_line(
-    cached_repo: Path,  # noqa: F811
+    cached_repo: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -1,7 +1,7 @@
 """`make predict` on bad input (one line, no run folder), and a quiet terminal that still shows real errors.
 
 What predict finds on good input is checked against the evaluate stage's own detections with
-a model that learned (tests/test_training.py: the session's tiny model finds nothing).
+a model that learned (tests/test_learned_model.py: the session's tiny model finds nothing).
 """
 
 from __future__ import annotations

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PipelineRun, run
+from tests.conftest import PipelineRun, copy_of, run
 from tests.test_pipeline import set_param
-from tests.test_training import cached_repo, copy_of  # noqa: F401  (cached_repo is a fixture)
 
 
 def printed(out: str, tag: str) -> str:
@@ -111,7 +110,7 @@ except PipelineError as err:
     assert line.endswith("); delete it and run the images stage again (dvc repro images)") and "{{" not in line
 
 
-def test_training_input_is_model_makers_bit_for_bit(cached_repo: Path) -> None:  # noqa: F811
+def test_training_input_is_model_makers_bit_for_bit(cached_repo: Path) -> None:
     """Two epochs (reshuffled) of Model Maker's training pipeline and of ours, under the stage's seeding: the same
     bits, but for the anchors over the train cache's crowd regions, which ours ignores (Model Maker is shown the
     objects alone, as its own writer would cache them)."""
@@ -160,7 +159,7 @@ print("result", arrays // 2, same, reshuffled, ignored)
 
 
 @pytest.mark.slow
-def test_bfloat16_and_a_larger_batch_train_and_evaluate(cached_repo: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_bfloat16_and_a_larger_batch_train_and_evaluate(cached_repo: Path, tmp_path: Path) -> None:
     """bfloat16 and a doubled batch in one short run: both read back from the trained model, the run prints and
     logs its time estimate, its first line says what it trains on (recorded with the timings), and the
     checkpoint evaluates (COCO metrics) in float32."""
@@ -207,7 +206,7 @@ print("result", json.dumps({name: float(value) for name, value in metrics.items(
     assert all(-1 <= value <= 1 for value in metrics.values())
 
 
-def test_jit_compile_reaches_keras_and_the_fpn_gradient_compiles(cached_repo: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_jit_compile_reaches_keras_and_the_fpn_gradient_compiles(cached_repo: Path, tmp_path: Path) -> None:
     """XLA-compiling the whole train step takes over 10 minutes on this CPU (done by hand, see docs/speed.md);
     here: the flag reaches Model Maker's compile(), and the FPN's gradient, which XLA cannot compile in
     Model Maker's model, compiles in the one built for jit_compile."""
@@ -246,7 +245,7 @@ for jit in (False, True):
     assert results == [["False", "None", "no-kernel"], ["True", "True", "compiles"]]
 
 
-def test_float16_without_a_gpu_is_refused_in_one_line(cached_repo: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_float16_without_a_gpu_is_refused_in_one_line(cached_repo: Path, tmp_path: Path) -> None:
     repo = copy_of(cached_repo, tmp_path / "repo")
     set_param(repo, "train", "mixed_precision", "float16")
     result = run([sys.executable, "-m", "stages.train"], repo, check=False)

@@ -8,7 +8,7 @@ suppresses per class at IoU 0.5. The app then scored below the model it came fro
 tf-models' own code, then per class the top ``pre_nms_top_k`` scores, NMS at the Keras IoU
 and score threshold, and the best ``max_num_detections`` over all classes. Tasks reads its
 four outputs as a model with NMS inside and adds no NMS of its own. Fed the same input
-tensor it returns the Keras detections (tests/test_training.py).
+tensor it returns the Keras detections (tests/test_learned_model.py).
 
 Written by hand because neither library route works here: tf-models' ``nms_version='tflite'``
 (the TFLite_Detection_PostProcess op) converts to constant outputs under TF 2.15, and its v2
