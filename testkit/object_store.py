@@ -31,10 +31,17 @@ BUCKET = "trafficdet"
 ROLES = ("master", "volume", "filer", "s3")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """``count`` different free loopback ports: each socket is held until all are bound, since the
+    kernel may hand a port just released to the next bind (seen: master and volume gRPC on one port)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((HOST, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def weed_binary() -> str:
@@ -55,7 +62,8 @@ class ObjectStore:
         self.data_dir = Path(data_dir)
         self.bucket = bucket
         # gRPC ports must not collide either: weed defaults them to port + 10000.
-        self.ports = {f"{role}.port{suffix}": free_port() for role in ROLES for suffix in ("", ".grpc")}
+        names = [f"{role}.port{suffix}" for role in ROLES for suffix in ("", ".grpc")]
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         if s3_port:
             self.ports["s3.port"] = s3_port
         self.process: subprocess.Popen[bytes] | None = None
@@ -76,6 +84,7 @@ class ObjectStore:
         command = [weed_binary(), "server", "-s3", f"-dir={self.data_dir / 'store'}", f"-ip={HOST}", f"-ip.bind={HOST}"]
         command += [f"-{flag}={port}" for flag, port in self.ports.items()]
         command += [f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=0", "-metricsPort=0"]
+        command += ["-master.telemetry=false"]  # it would report to telemetry.seaweedfs.com once 10 GiB are stored
         command += ["-s3.port.iceberg=0", "-s3.port.lance=0"]  # catalog servers on fixed ports otherwise
         return command
 

@@ -195,9 +195,9 @@ def test_bad_credentials_and_unreachable_endpoint_give_one_clear_line(released_r
     raw = run(["dvc", "push"], released_repo, check=False, AWS_SECRET_ACCESS_KEY="wrong")
     assert raw.returncode != 0 and "Traceback" not in raw.stderr and "Forbidden" in raw.stderr
 
-    from testkit.object_store import free_port
+    from testkit.object_store import free_ports
 
-    closed = f"http://127.0.0.1:{free_port()}"
+    closed = f"http://127.0.0.1:{free_ports(1)[0]}"
     run(["dvc", "remote", "modify", "--local", "storage", "endpointurl", closed], released_repo)
     try:
         down = run(["python", "-m", "ops.remote", "check"], released_repo, check=False)
