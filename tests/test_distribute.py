@@ -7,7 +7,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from stages.train import validate
+from testkit.object_store import free_ports
 from testkit.repo_copy import ROOT
 from tests.conftest import PipelineRun, copy_of, run, stage_env
 from tests.test_pipeline import set_param
@@ -270,16 +270,6 @@ def update_length_ratio(trained: Path, one_device: Path) -> float:
     init = init_weights(one_device)
     kernels = [name for name in init if "kernel" in name]
     return distance(ours, init, kernels) / distance(theirs, init, kernels)
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def start_workers(repos: list[Path], commands: list[list[str]], env: dict[str, str] | None = None) -> list[subprocess.Popen]:
