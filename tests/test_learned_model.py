@@ -20,12 +20,14 @@ from trafficdet.app import AppDetector, Detection, read_frame
 # A run on the cached repo's 28 training images that learns enough to find a car in an image it
 # never saw: from scratch, so BatchNorm's moving statistics must keep up (0.9), and a higher
 # learning rate than the fine-tuning default, decaying as params.yaml's schedule does.
-# Measured: the known car is found at score 0.64 (IoU 0.62) in float32 and float16, 0.66 in
-# int8; 30 epochs reached only 0.34; the 1-epoch model finds nothing >= 0.4. The same run with
-# one TensorFlow intra-op thread (TF_NUM_INTRAOP_THREADS=1) found it at only 0.44 (IoU 0.65):
-# the sums split differently, so on a machine with other cores the margin may be thinner. The
-# architecture is pinned to the one measured, whatever params.yaml's default becomes.
-LEARNING = {"architecture": "mobilenet_multi_avg", "epochs": 60, "learning_rate": 1.0, "bn_momentum": 0.9}
+# Measured (40 epochs): the known car is found at score 0.56 (IoU 0.65) in float32 and float16,
+# 0.56 dynamic, 0.50 int8 (IoU 0.70); 60 epochs gave 0.64, 30 only 0.34; the 1-epoch model finds
+# nothing >= 0.4. 40, not 60: the suite's time budget (BENCHMARKS.md, "make test from a fresh
+# clone"). With one TensorFlow intra-op thread (TF_NUM_INTRAOP_THREADS=1) the 60-epoch run found
+# it at only 0.44: the sums split differently, so on a machine with other cores or other CPU
+# instructions the margin may be thinner. The architecture is pinned to the one measured,
+# whatever params.yaml's default becomes.
+LEARNING = {"architecture": "mobilenet_multi_avg", "epochs": 40, "learning_rate": 1.0, "bn_momentum": 0.9}
 SCORE_THRESHOLD = 0.4  # an app's working threshold, not 0 (at 0 any model "detects")
 
 
@@ -73,21 +75,37 @@ def finds(model: Path, image: Path, label: str, box: list[float]) -> list[Detect
     return [d for d in found if d.label == label and iou(d.box, box) >= 0.5]
 
 
+EXPORT_VARIANTS = """
+import shutil, sys
+from pathlib import Path
+from stages.export import export
+from trafficdet.params import ExportParams, load
+from trafficdet.paths import MODEL
+params, variants = load(ExportParams), Path(sys.argv[1])
+shutil.copy(MODEL, variants / "float32.tflite")
+for kind in sys.argv[2:]:
+    export(params.model_copy(update={"quantization": kind}))
+    shutil.copy(MODEL, variants / f"{kind}.tflite")
+"""
+
+
 @pytest.mark.slow
-def test_exported_model_finds_a_known_object(learned_repo: Path, tiny_pipeline: PipelineRun) -> None:
+def test_exported_model_finds_a_known_object(learned_repo: Path, tiny_pipeline: PipelineRun, tmp_path: Path) -> None:
     """Every export variant of a model that learned finds it, through the app's detection; an untrained one does not."""
     image, label, box = known_object(learned_repo)
     assert image.name == known_object(tiny_pipeline.repo)[0].name  # the same validation image in both repos
     untrained = tiny_pipeline.repo / "models/model.tflite"  # 1 epoch from scratch: the same data, the same export
     assert not finds(untrained, image, label, box), "the check must fail for a model that has not learned"
 
+    # The fixture exported float32 through the stage; the other variants go through the stage's own
+    # export() in one process (one TensorFlow start instead of three: the suite's time budget).
+    kinds = ("float16", "int8", "dynamic")
+    exported = run([sys.executable, "-c", EXPORT_VARIANTS, str(tmp_path), *kinds], learned_repo)
+    assert native_noise(exported.stderr) == [], exported.stderr  # no converter summary, no MediaPipe lines
+    set_param(learned_repo, "export", "quantization", kinds[-1])  # params.yaml says what models/ holds
     sizes, types = {}, {}
-    for kind in ("float32", "float16", "int8", "dynamic"):
-        if kind != "float32":  # the fixture exported float32
-            set_param(learned_repo, "export", "quantization", kind)
-            exported = run([sys.executable, "-m", "stages.export"], learned_repo)
-            assert native_noise(exported.stderr) == [], exported.stderr  # no converter summary, no MediaPipe lines
-        model = learned_repo / "models/model.tflite"
+    for kind in ("float32", *kinds):
+        model = tmp_path / f"{kind}.tflite"
         sizes[kind] = model.stat().st_size
         types[kind] = conv_tensor_types(model)
         assert finds(model, image, label, box), f"{kind}: no {label} at score >= {SCORE_THRESHOLD} with IoU >= 0.5"
@@ -127,7 +145,8 @@ def run_file(interpreter, image):
     interpreter.invoke()
     boxes, classes, scores, count = (interpreter.get_tensor(o["index"])[0] for o in interpreter.get_output_details())
     return [((boxes[i] * 1.0).tolist(), int(classes[i]) + 1, float(scores[i])) for i in range(int(count))]
-converted = tf.lite.Interpreter(model_content=convert(detector))
+float32_file = convert(detector)
+converted = tf.lite.Interpreter(model_content=float32_file)
 converted.allocate_tensors()
 images = non_square = total = crossing = mismatched = other_rule = 0
 worst_score = worst_box = 0.0
@@ -167,7 +186,7 @@ for x, y in load_dataset("val").gen_tf_dataset(batch_size, is_training=False, pr
         squares.append(np.clip(np.round(x[b].numpy() * 127.5 + 127.5), 0, 255).astype(np.uint8))  # 8-bit, for Tasks
 print("keras-check", images, non_square, total, crossing, mismatched, worst_score, worst_box, other_rule, flush=True)
 file = Path(tempfile.mkdtemp()) / "model.tflite"  # as export writes it (float32), whatever export ran last
-file.write_bytes(with_metadata(convert(detector), detector, labels[1:])[0])
+file.write_bytes(with_metadata(float32_file, detector, labels[1:])[0])
 shipped = tf.lite.Interpreter(model_path=str(file))
 shipped.allocate_tensors()
 app_total = app_mismatched = 0
