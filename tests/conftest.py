@@ -35,8 +35,8 @@ LONGEST_FIRST = (
     "test_learned_model.py",
     "test_training.py",
     "test_distribute.py",
-    "test_reproducible.py",  # before the queue: its two trainings beside the three of test_distribute took 330 s, not 179 s
     "test_experiments.py",
+    "test_reproducible.py",
     "test_speed.py",
     "test_remote.py",
 )
