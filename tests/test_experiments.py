@@ -65,9 +65,10 @@ def experiments(repo: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_exp_run_queue_grid_show_and_diff(exp_repo: Path) -> None:
-    # The grid is queued from the committed baseline (epochs 1, learning rate 0.3), and its
-    # worker trains beside the workspace experiment, which changes only what export reads (so
-    # the workspace does not train beside the queue: the suite's time budget).
+    # The grid is queued from the committed baseline (epochs 1, learning rate 0.3: that point
+    # reruns nothing, measured), and its worker trains beside the workspace experiment, which
+    # changes only what export reads (so the workspace does not train beside the queue: the
+    # suite's time budget).
     run(["dvc", "exp", "run", "--queue", "-S", "train.learning_rate=0.1,0.3"], exp_repo)
     assert run(["dvc", "queue", "status"], exp_repo).stdout.count("Queued") == 2
     run(["dvc", "queue", "start", "-j", "1"], exp_repo)
