@@ -22,7 +22,7 @@ _PUBLIC = {
     "cache": """quiet_tensorflow model_maker_folder cache_record label_names load_dataset
         CACHE_BATCH write_coco_cache tf_message""",
     "build": """model_spec build_network write_init_checkpoint write_scratch_checkpoint
-        build_detector restore_detector keras_model retinanet detector_spec preprocessor""",
+        build_detector restore_detector keras_model retinanet detector_spec preprocessor build_optimizer""",
     "training": """set_callbacks set_strategy set_dataset_options whole_batches create_model
         precision_policy create_and_train restore_trained_float speed_settings ignore_anchors
         training_dataset skip_shuffles parallel_preprocessing""",

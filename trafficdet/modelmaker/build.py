@@ -113,3 +113,13 @@ def detector_spec(detector: Any) -> Any:
 def preprocessor(detector: Any) -> Any:
     """The preprocessor Model Maker trains and evaluates with (letterbox to the model's size)."""
     return detector._preprocessor
+
+
+def build_optimizer(optimizer: Any, model: Any) -> None:
+    """Create the optimizer's slot variables before ``fit``.
+
+    Keras creates them on the first train step, inside its ``tf.function``, and a function that
+    creates variables is traced twice: building them first saves one trace of the whole train
+    step (8 s of a 1-epoch tiny run's 49 s on 2 cores), with the same checkpoint bytes.
+    """
+    optimizer.build(model.trainable_variables)

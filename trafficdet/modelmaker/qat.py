@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from trafficdet.modelmaker.build import restore_detector
+from trafficdet.modelmaker.build import build_optimizer, restore_detector
 
 
 def convert_to_qat(detector: Any) -> None:
@@ -45,7 +45,9 @@ def quantization_aware_training(
     with strategy.scope() if strategy else contextlib.nullcontext():
         convert_to_qat(detector)
         schedule = tf.keras.optimizers.schedules.CosineDecay(learning_rate * batch_size / 256, steps * epochs, alpha)
-        detector._model.compile(optimizer=tf.keras.optimizers.experimental.SGD(learning_rate=schedule, momentum=0.9))
+        optimizer = tf.keras.optimizers.experimental.SGD(learning_rate=schedule, momentum=0.9)
+        build_optimizer(optimizer, detector._model)
+        detector._model.compile(optimizer=optimizer)
         # The float phase's BackupAndRestore deletes this Keras attribute when it ends, and a
         # second fit() on the same model reads it: restore the value Model.__init__ sets.
         detector._model._training_state = None

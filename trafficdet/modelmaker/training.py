@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from trafficdet.modelmaker.build import build_optimizer
+
 
 def set_callbacks(detector: Any, callbacks: list[Any]) -> None:
     """Model Maker's ``fit()`` takes its callbacks from this attribute."""
@@ -152,6 +154,7 @@ def create_and_train(
         )
         create_model(detector, bn_momentum, replicas, mixed_precision, jit_compile)
         parallel_preprocessing(train_data, detector._preprocessor, epochs_done)
+        build_optimizer(detector._optimizer, detector._model)
         detector._train_model(train_data, val_data, preprocessor=detector._preprocessor)
     detector._save_float_ckpt()  # on every worker: saving reduces BatchNorm's moving statistics over all replicas
 
