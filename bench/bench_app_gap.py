@@ -32,7 +32,7 @@ from common import OUT, machine
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.evaluate import coco_evaluate, keras_batch_detections, tflite_detections  # noqa: E402
+from stages.evaluate import coco_evaluate, detection_step, keras_batch_detections, tflite_detections  # noqa: E402
 from trafficdet.app import clip_box  # noqa: E402
 
 
@@ -101,6 +101,7 @@ def main() -> None:
     model_file = Path("models/model.tflite")
     detector = restore_detector(TRAINED, Path(tempfile.mkdtemp()))
     model = keras_model(detector)
+    step = detection_step(model)
     interpreter = tf.lite.Interpreter(model_path=str(model_file))
     interpreter.allocate_tensors()
     inputs, outputs = interpreter.get_input_details()[0]["index"], [o["index"] for o in interpreter.get_output_details()]
@@ -113,9 +114,9 @@ def main() -> None:
     square_frames = []
     batches = load_dataset("val").gen_tf_dataset(8, is_training=False, preprocess=preprocessor(detector))
     for x, y in batches:
-        rows["keras (evaluate)"] += keras_batch_detections(model, x, y)
+        pred = step(x, y)
+        rows["keras (evaluate)"] += keras_batch_detections(pred, y)
         info, ids = y["image_info"].numpy(), y["groundtruths"]["source_id"].numpy()
-        pred = model(x, anchor_boxes=y["anchor_boxes"], image_shape=y["image_info"][:, 1, :], training=False)
         for b in range(len(ids)):
             (height, width), (scale_y, scale_x) = info[b, 0], info[b, 2]
             for i in range(int(pred["num_detections"][b])):

@@ -130,7 +130,7 @@ def test_tflite_returns_the_keras_detections_on_the_same_input(learned_repo: Pat
     code = """
 import json, math, tempfile, numpy as np, tensorflow as tf
 from pathlib import Path
-from stages.evaluate import keras_batch_detections
+from stages.evaluate import detection_step, keras_batch_detections
 from trafficdet.app import AppDetector, clip_box
 from trafficdet.modelmaker.build import keras_model, preprocessor, restore_detector
 from trafficdet.modelmaker.cache import load_dataset, quiet_tensorflow
@@ -140,6 +140,7 @@ from trafficdet.tflite_model import convert, with_metadata
 quiet_tensorflow()
 detector = restore_detector(TRAINED, Path("unused"))
 model = keras_model(detector)
+step = detection_step(model)
 def run_file(interpreter, image):
     interpreter.set_tensor(interpreter.get_input_details()[0]["index"], image[np.newaxis])
     interpreter.invoke()
@@ -155,7 +156,7 @@ batch_size = load(EvaluateParams).batch_size
 for x, y in load_dataset("val").gen_tf_dataset(batch_size, is_training=False, preprocess=preprocessor(detector)):  # as evaluate
     info = y["image_info"].numpy()
     assert (info[:, 1] == x.shape[1:3]).all()  # image_info row 1 is the model's square: Keras clips to it, as the file
-    keras = keras_batch_detections(model, x, y)
+    keras = keras_batch_detections(step(x, y), y)
     # The other rule, to show the comparison sees it: clipped to the image inside the letterbox before NMS.
     inside = model(x, anchor_boxes=y["anchor_boxes"], image_shape=info[:, 0] * info[:, 2], training=False)
     for b, image_id in enumerate(y["groundtruths"]["source_id"].numpy()):
