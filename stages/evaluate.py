@@ -131,9 +131,10 @@ def keras_detections(detector: Any, batch_size: int) -> tuple[list[dict[str, Any
 def detection_step(model: Any) -> Any:
     """Model Maker's ``test_step`` (it updates the model's loss metrics) that also returns the detections.
 
-    One compiled pass gives both the val losses and the detections: ``model.evaluate`` and then
-    calling the model op by op (as this stage did) ran the network twice and took 23 s of a tiny
-    run's 35 s; this takes 10 s, same losses to the bit, scores within 4e-7.
+    One compiled pass gives both the val losses and the detections, where ``model.evaluate`` and
+    then calling the model op by op ran the network twice (timed in BENCHMARKS.md, "make test from
+    a fresh clone"). The losses are Keras' to the bit; the scores differ from eager ones by float32
+    rounding only.
     """
     import tensorflow as tf
 

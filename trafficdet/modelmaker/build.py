@@ -119,7 +119,7 @@ def build_optimizer(optimizer: Any, model: Any) -> None:
     """Create the optimizer's slot variables before ``fit``.
 
     Keras creates them on the first train step, inside its ``tf.function``, and a function that
-    creates variables is traced twice: building them first saves one trace of the whole train
-    step (8 s of a 1-epoch tiny run's 49 s on 2 cores), with the same checkpoint bytes.
+    creates variables is traced twice: building them first saves a whole trace of the train step
+    (timed in BENCHMARKS.md, "make test from a fresh clone"); the checkpoint bytes are the same.
     """
     optimizer.build(model.trainable_variables)
