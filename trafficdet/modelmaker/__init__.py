@@ -4,7 +4,8 @@ One module per job, so that dvc.yaml can declare exactly the code each stage run
 
 - ``cache``: the TFRecord cache the cache stage writes and the others read; ``quiet_tensorflow``;
 - ``build``: the detector built from our params, offline, or restored from the train stage;
-- ``training``: the float phase (strategy, BatchNorm momentum, replicas, precision, input pipeline);
+- ``training``: the float phase (strategy, BatchNorm momentum, replicas, precision, input pipeline;
+  imports ``build``);
 - ``qat``: quantization-aware training and its checkpoint (imports ``build``; nothing imports back).
 
 Stages import the submodules (``from trafficdet.modelmaker import build``). For scripts,
